@@ -1,0 +1,1393 @@
+"""lungseg_utils: every helper the lungseg notebooks share, in one module.
+
+Each chapter of the tutorial introduces some of these helpers and shows their
+source with ``inspect.getsource``; later chapters simply import them. The
+module is also a small command-line tool::
+
+    python lungseg_utils.py download            # fetch the public data sets
+    python lungseg_utils.py train --out runs/x  # train a U-Net/ResNet34
+    python lungseg_utils.py predict IMAGE... --checkpoint runs/x/best.pt --out masks/
+
+Conventions used throughout:
+
+* images are 8-bit grayscale ``uint8`` arrays of shape ``(H, W)``;
+* masks are ``uint8`` arrays holding 0 (background) and 1 (lung);
+* model inputs are ``float32`` tensors ``(B, 3, H, W)``: the grayscale image
+  repeated on three channels and normalized with the ImageNet mean and std,
+  because the ResNet encoder was designed (and, where weights can be had,
+  pre-trained) for ImageNet's RGB statistics.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+import urllib.request
+import warnings
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import segmentation_models_pytorch as smp  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from scipy import ndimage  # noqa: E402
+from sklearn.model_selection import train_test_split  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+REPO_DIR = Path(__file__).resolve().parent
+DATASET_FOLDER = "Lung Segmentation"
+KAGGLE_DATASET = "nikhilpandey360/chest-xray-masks-and-labels"
+MONTGOMERY_URL = (
+    "https://data.lhncbc.nlm.nih.gov/public/Tuberculosis-Chest-X-ray-Datasets/"
+    "Montgomery-County-CXR-Set/MontgomerySet/MontgomerySet.zip"
+)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SEED = 42
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+DATA_HELP = (
+    "Get the data in one of these ways:\n"
+    "  * run `python lungseg_utils.py download` (needs internet; uses kagglehub for the\n"
+    "    Kaggle 'Chest X-Ray Masks and Labels' set), or\n"
+    "  * download https://www.kaggle.com/datasets/" + KAGGLE_DATASET + " by hand and unzip it, then\n"
+    "  * point the environment variable LUNGSEG_DATA_DIR at the folder that holds\n"
+    "    'Lung Segmentation/' (or at that folder itself), or put it under data/ in the repository."
+)
+
+
+class LungsegDataError(ValueError):
+    """Bad or missing input data; the message names the file and the fix."""
+
+
+# --------------------------------------------------------------------------
+# Run mode and reproducibility
+# --------------------------------------------------------------------------
+
+
+def is_quick_mode() -> bool:
+    """True when ``LUNGSEG_QUICK`` is set to 1/true/yes (CI runs the notebooks this way)."""
+    return os.environ.get("LUNGSEG_QUICK", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass
+class RunConfig:
+    """The settings that differ between a full run and the quick CI run."""
+
+    image_size: int = 256
+    epochs: int = 20
+    max_images: int | None = None  # None: every labeled image
+    batch_size: int = 8
+    patience: int = 5
+
+    @classmethod
+    def for_mode(cls, quick: bool | None = None) -> "RunConfig":
+        """Full settings, or a small subset at 128 px for 2 epochs in quick mode."""
+        quick = is_quick_mode() if quick is None else quick
+        return cls(image_size=128, epochs=2, max_images=80) if quick else cls()
+
+
+def seed_everything(seed: int = SEED) -> None:
+    """Seed Python, NumPy and torch (CPU and GPU) so that runs repeat.
+
+    Albumentations keeps its own generator: :func:`train` seeds it each epoch
+    with ``Compose.set_random_seed``.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(preferred: str | None = None) -> torch.device:
+    """Return ``preferred`` if given, else the best available of cuda, mps and cpu."""
+    if preferred:
+        return torch.device(preferred)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The mixed-precision dtype for ``device``: bf16 where supported, fp16 on older GPUs, else None."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        return torch.bfloat16
+    return None
+
+
+# --------------------------------------------------------------------------
+# Data location and download
+# --------------------------------------------------------------------------
+
+
+def find_data_dir(path: str | os.PathLike | None = None) -> Path:
+    """Return the folder that holds ``CXR_png/`` (and ``masks/`` or ``ManualMask/``).
+
+    ``path`` defaults to ``$LUNGSEG_DATA_DIR``, else ``data/`` in the repository.
+    It may be the folder that holds ``Lung Segmentation/``, that folder itself,
+    or a folder holding the NLM ``MontgomerySet/`` layout. A missing or empty
+    folder raises :class:`LungsegDataError` explaining how to get the data.
+    """
+    if path is None:
+        path = os.environ.get("LUNGSEG_DATA_DIR") or REPO_DIR / "data"
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise LungsegDataError(f"Data folder not found: {root}\n{DATA_HELP}")
+    candidates = [root, root / DATASET_FOLDER, root / "MontgomerySet"]
+    candidates += sorted(p / DATASET_FOLDER for p in root.iterdir() if p.is_dir())
+    for candidate in candidates:
+        if (candidate / "CXR_png").is_dir() and any((candidate / "CXR_png").iterdir()):
+            return candidate
+    raise LungsegDataError(
+        f"No chest X-rays found in {root}: expected a 'CXR_png/' folder with images in it "
+        f"or in '{DATASET_FOLDER}/' below it.\n{DATA_HELP}"
+    )
+
+
+def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> list[Path]:
+    """Extract a zip archive inside ``target`` only; refuse absolute paths, ``..`` and links.
+
+    Every member is checked before anything is written, so a hostile archive
+    leaves no file behind. Returns the extracted paths.
+    """
+    target = Path(target).resolve()
+    with zipfile.ZipFile(archive) as zf:
+        members = zf.infolist()
+        for member in members:
+            name = member.filename
+            is_link = (member.external_attr >> 16) & 0o170000 == 0o120000
+            destination = (target / name).resolve()
+            if (
+                name.startswith(("/", "\\"))
+                or ":" in name.split("/")[0]
+                or ".." in Path(name.replace("\\", "/")).parts
+                or is_link
+                or not destination.is_relative_to(target)
+            ):
+                raise LungsegDataError(
+                    f"Refusing to extract {archive}: member {name!r} would land outside "
+                    f"{target} or is a link. Download the archive again from its official source."
+                )
+        target.mkdir(parents=True, exist_ok=True)
+        zf.extractall(target, members)
+    return [target / m.filename for m in members if not m.is_dir()]
+
+
+def download_file(
+    url: str,
+    destination: str | os.PathLike,
+    expected_size: int | None = None,
+    sha256: str | None = None,
+    timeout: float = 30.0,
+) -> Path:
+    """Download ``url`` to ``destination`` (skipped when already there and valid).
+
+    The file is written to ``<destination>.part`` and renamed only when complete
+    and, where known, of the expected size and SHA-256.
+    """
+    destination = Path(destination)
+    if destination.is_file() and _file_matches(destination, expected_size, sha256):
+        return destination
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(destination.name + ".part")
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=destination.name) as bar:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                bar.update(len(chunk))
+    if not _file_matches(partial, expected_size, sha256):
+        partial.unlink()
+        raise LungsegDataError(
+            f"Download of {url} is incomplete or corrupt (size or checksum differs). Try again."
+        )
+    os.replace(partial, destination)
+    return destination
+
+
+def _file_matches(path: Path, expected_size: int | None, sha256: str | None) -> bool:
+    """True when ``path`` has the expected size and SHA-256 (each checked only when given)."""
+    if expected_size is not None and path.stat().st_size != expected_size:
+        return False
+    if sha256 is not None:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest() == sha256.lower()
+    return True
+
+
+def download_montgomery(
+    target: str | os.PathLike | None = None, url: str = MONTGOMERY_URL, **download_kwargs
+) -> Path:
+    """Download and unpack the NLM Montgomery County set (public, no credentials).
+
+    Returns the ``MontgomerySet`` folder; nothing is downloaded when it is present.
+    Its masks come as ``ManualMask/leftMask`` and ``rightMask``; :func:`build_pairs_table`
+    combines them.
+    """
+    target = Path(target or REPO_DIR / "data")
+    set_dir = target / "MontgomerySet"
+    if (set_dir / "CXR_png").is_dir() and any((set_dir / "CXR_png").iterdir()):
+        return set_dir
+    archive = download_file(url, target / "MontgomerySet.zip", **download_kwargs)
+    safe_extract(archive, target)
+    archive.unlink()
+    return set_dir
+
+
+def download_kaggle(target: str | os.PathLike | None = None) -> Path:
+    """Download the Kaggle 'Chest X-Ray Masks and Labels' set with ``kagglehub``.
+
+    Skipped when ``target`` already holds the data. kagglehub keeps its own cache;
+    ``target/chest-xray-masks-and-labels`` is made a link to it (a copy where links
+    are not allowed). Returns the folder that holds ``CXR_png/``.
+    """
+    target = Path(target or REPO_DIR / "data")
+    with contextlib.suppress(LungsegDataError):
+        return find_data_dir(target)
+    import kagglehub
+
+    downloaded = Path(kagglehub.dataset_download(KAGGLE_DATASET))
+    link = target / "chest-xray-masks-and-labels"
+    target.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        try:
+            link.symlink_to(downloaded, target_is_directory=True)
+        except OSError:
+            shutil.copytree(downloaded, link)
+    return find_data_dir(link)
+
+
+def ensure_data(path: str | os.PathLike | None = None) -> Path:
+    """Find the data (see :func:`find_data_dir`), downloading it from Kaggle if it is missing."""
+    try:
+        return find_data_dir(path)
+    except LungsegDataError as missing:
+        print(f"{missing}\nTrying to download it now ...")
+        try:
+            return download_kaggle(path)
+        except Exception as failure:  # no internet, no Kaggle credentials, ...
+            raise LungsegDataError(f"Download failed ({failure}).\n{DATA_HELP}") from failure
+
+
+# --------------------------------------------------------------------------
+# Pairing images with masks
+# --------------------------------------------------------------------------
+
+
+def source_of(name: str) -> str:
+    """'Montgomery' for ``MCUCXR_*``, 'Shenzhen' for ``CHNCXR_*``, else 'unknown'."""
+    upper = name.upper()
+    if upper.startswith("MCUCXR"):
+        return "Montgomery"
+    if upper.startswith("CHNCXR"):
+        return "Shenzhen"
+    return "unknown"
+
+
+def tb_label_of(name: str) -> int | None:
+    """The tuberculosis label encoded as the last digit of the file name (``_0``/``_1``), or None."""
+    stem = Path(name).stem.removesuffix("_mask")
+    last = stem.rsplit("_", 1)[-1]
+    return int(last) if last in {"0", "1"} else None
+
+
+def image_size_of(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of an image, read from its header only (fast)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except Exception as error:
+        raise LungsegDataError(
+            f"{path}: cannot be read as an image ({error}). Replace it with a valid PNG "
+            "(download the data again) or delete it."
+        ) from error
+    return height, width
+
+
+def _mask_index(data_dir: Path) -> dict[str, tuple[Path, ...]]:
+    """Map image stem -> mask path(s), for both naming conventions and the NLM layout."""
+    index: dict[str, tuple[Path, ...]] = {}
+    masks_dir = data_dir / "masks"
+    if masks_dir.is_dir():
+        for mask in sorted(masks_dir.iterdir()):
+            if mask.suffix.lower() in IMAGE_SUFFIXES:
+                index[mask.stem.removesuffix("_mask")] = (mask,)
+    left_dir, right_dir = data_dir / "ManualMask" / "leftMask", data_dir / "ManualMask" / "rightMask"
+    if left_dir.is_dir():
+        for left in sorted(left_dir.iterdir()):
+            if left.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            right = right_dir / left.name
+            if not right.is_file():
+                raise LungsegDataError(
+                    f"{left} has no right-lung partner {right}. Download the Montgomery set again."
+                )
+            index[left.stem] = (left, right)
+    return index
+
+
+def build_pairs_table(data_dir: str | os.PathLike | None = None, read_sizes: bool = True) -> pd.DataFrame:
+    """One row per X-ray: its mask(s), source, TB label and original size.
+
+    Columns: ``name``, ``image_path``, ``mask_paths`` (tuple of one mask, or of the
+    left and right masks of the NLM layout; empty for unlabeled images),
+    ``labeled``, ``source``, ``tb_label``, ``height``, ``width``. A mask without
+    an image raises :class:`LungsegDataError` naming the mask.
+    """
+    data_dir = find_data_dir(data_dir)
+    images = sorted(p for p in (data_dir / "CXR_png").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    masks = _mask_index(data_dir)
+    image_stems = {p.stem for p in images}
+    orphans = sorted(stem for stem in masks if stem not in image_stems)
+    if orphans:
+        raise LungsegDataError(
+            f"Mask without an image: {masks[orphans[0]][0]} (and {len(orphans) - 1} more). "
+            f"Expected an image named {orphans[0]}.png in {data_dir / 'CXR_png'}; "
+            "restore the image or remove the mask."
+        )
+    rows = []
+    for image in images:
+        mask_paths = masks.get(image.stem, ())
+        height, width = image_size_of(image) if read_sizes else (None, None)
+        rows.append(
+            dict(
+                name=image.stem,
+                image_path=str(image),
+                mask_paths=tuple(str(m) for m in mask_paths),
+                labeled=bool(mask_paths),
+                source=source_of(image.name),
+                tb_label=tb_label_of(image.name),
+                height=height,
+                width=width,
+            )
+        )
+    return pd.DataFrame(rows)
+
+
+def labeled_only(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows that have a mask, sorted by name (unlabeled images never enter metrics)."""
+    return table[table["labeled"]].sort_values("name").reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------
+
+
+def seed_split(table: pd.DataFrame, val_fraction: float = 0.2, seed: int = SEED) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The split of the write-up this project started from: sorted pairs, 80/20, ``random_state=42``.
+
+    Use it only to compare with that write-up's 96.34% validation Dice: it has no
+    test part, so its validation score is also the score that chose the model.
+    """
+    pairs = labeled_only(table)
+    train, val = train_test_split(pairs, test_size=val_fraction, random_state=seed)
+    return train.reset_index(drop=True), val.reset_index(drop=True)
+
+
+def three_way_split(
+    table: pd.DataFrame, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = SEED
+) -> dict[str, pd.DataFrame]:
+    """Train/validation/test split stratified by source and TB label.
+
+    The test part is for the final scores only: early stopping and every choice
+    of recipe use the validation part. Returns ``{"train", "val", "test"}``.
+    """
+    pairs = labeled_only(table)
+    strata = pairs["source"] + "_" + pairs["tb_label"].astype(str)
+    rest, test = train_test_split(pairs, test_size=test_fraction, random_state=seed, stratify=strata)
+    rest_strata = rest["source"] + "_" + rest["tb_label"].astype(str)
+    train, val = train_test_split(
+        rest, test_size=val_fraction / (1 - test_fraction), random_state=seed, stratify=rest_strata
+    )
+    return {k: v.sort_values("name").reset_index(drop=True) for k, v in {"train": train, "val": val, "test": test}.items()}
+
+
+def quick_subset(split: dict[str, pd.DataFrame], max_images: int | None) -> dict[str, pd.DataFrame]:
+    """Keep about ``max_images`` in total (60/20/20), spread over sources; all when None."""
+    if max_images is None:
+        return split
+    shares = {"train": 0.6, "val": 0.2, "test": 0.2}
+    out = {}
+    for part, frame in split.items():
+        n = max(4, int(max_images * shares.get(part, 0.2)))
+        per_source = [
+            group.head(max(1, round(n * len(group) / len(frame)))) for _, group in frame.groupby("source")
+        ]
+        out[part] = pd.concat(per_source).sort_values("name").reset_index(drop=True)
+    return out
+
+
+def assert_disjoint(split: dict[str, pd.DataFrame]) -> None:
+    """Raise AssertionError if any image appears in two parts of ``split``."""
+    parts = list(split.items())
+    for i, (name_a, a) in enumerate(parts):
+        for name_b, b in parts[i + 1 :]:
+            shared = set(a["image_path"]) & set(b["image_path"])
+            assert not shared, f"{len(shared)} images are in both {name_a} and {name_b}, e.g. {sorted(shared)[0]}"
+
+
+# --------------------------------------------------------------------------
+# Reading images and masks
+# --------------------------------------------------------------------------
+
+
+def to_gray_uint8(array: np.ndarray, source: str = "image") -> np.ndarray:
+    """Convert an image array (8/16-bit, gray, RGB or RGBA, as OpenCV reads it) to 8-bit gray.
+
+    16-bit images are rescaled by their own minimum and maximum; colour images
+    are converted with OpenCV's luminance weights (alpha is dropped).
+    """
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 3:
+        if array.shape[2] == 4:
+            array = array[:, :, :3]
+        if array.shape[2] != 3:
+            raise LungsegDataError(f"{source}: {array.shape[2]} channels is not an image; use a gray or RGB X-ray.")
+        array = cv2.cvtColor(np.ascontiguousarray(array), cv2.COLOR_BGR2GRAY)
+    if array.ndim != 2:
+        raise LungsegDataError(f"{source}: shape {array.shape} is not a 2-D image.")
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    values = array.astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    scaled = (values - low) / (high - low) * 255 if high > low else np.zeros_like(values)
+    return np.round(scaled).astype(np.uint8)
+
+
+def read_xray(path: str | os.PathLike) -> np.ndarray:
+    """Read an X-ray file of any size, 8 or 16 bit, gray or RGB(A), as 8-bit grayscale."""
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if raw is None:
+        raise LungsegDataError(
+            f"{path}: cannot be decoded (missing, corrupt or not an image). "
+            "Replace it with a valid PNG or JPEG, e.g. by downloading the data again."
+        )
+    return to_gray_uint8(raw, source=str(path))
+
+
+def read_mask(paths: Sequence[str | os.PathLike]) -> np.ndarray:
+    """Read a lung mask as a 0/1 ``uint8`` array; two paths (left, right lung) are combined.
+
+    A mask must be an 8-bit single-channel image (or RGB with equal channels);
+    16-bit, RGBA or coloured masks raise :class:`LungsegDataError` naming the file.
+    """
+    if not paths:
+        raise LungsegDataError("No mask given: this image is unlabeled; use it for inference only.")
+    combined = None
+    for path in paths:
+        raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if raw is None:
+            raise LungsegDataError(f"{path}: mask cannot be decoded (corrupt or not an image). Download the data again.")
+        if raw.dtype != np.uint8:
+            raise LungsegDataError(
+                f"{path}: mask is {raw.dtype.name}, expected 8-bit (0 = background, 255 = lung). "
+                "Save it as an 8-bit grayscale PNG."
+            )
+        if raw.ndim == 3:
+            if raw.shape[2] == 4 or not (np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 1], raw[..., 2])):
+                raise LungsegDataError(
+                    f"{path}: mask has {raw.shape[2]} channels with different content, expected a single-channel "
+                    "binary image. Save it as an 8-bit grayscale PNG."
+                )
+            raw = raw[..., 0]
+        binary = (raw > 127).astype(np.uint8) if raw.max() > 1 else raw.astype(np.uint8)
+        if combined is not None and combined.shape != binary.shape:
+            raise LungsegDataError(f"{path}: left and right masks differ in size ({combined.shape} vs {binary.shape}).")
+        combined = binary if combined is None else np.maximum(combined, binary)
+    return combined
+
+
+def read_pair(image_path: str | os.PathLike, mask_paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndarray]:
+    """Read an X-ray and its mask at full size; a size mismatch raises naming both files."""
+    image = read_xray(image_path)
+    mask = read_mask(mask_paths)
+    if image.shape != mask.shape:
+        raise LungsegDataError(
+            f"Size mismatch: image {image_path} is {image.shape[1]}x{image.shape[0]} but mask "
+            f"{mask_paths[0]} is {mask.shape[1]}x{mask.shape[0]}. The mask must be drawn on this image; "
+            "download the data again or remove the pair."
+        )
+    return image, mask
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize an 8-bit image to ``size`` x ``size`` with area interpolation (no aliasing)."""
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize a 0/1 mask: area-average then threshold at 0.5, keeping it binary and unbiased.
+
+    ``size`` is an int (square) or ``(height, width)``.
+    """
+    height, width = (size, size) if isinstance(size, int) else size
+    averaged = cv2.resize(mask.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
+    return (averaged >= 0.5).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------
+# Cache: decode and resize once
+# --------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """``$LUNGSEG_CACHE_DIR``, else the user's cache folder (``~/.cache/lungseg``); never the repository."""
+    if os.environ.get("LUNGSEG_CACHE_DIR"):
+        return Path(os.environ["LUNGSEG_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or (
+        Path(os.environ["LOCALAPPDATA"]) if os.name == "nt" and os.environ.get("LOCALAPPDATA") else Path.home() / ".cache"
+    )
+    return Path(base) / "lungseg"
+
+
+def _fingerprint(paths: Iterable[str], size: int) -> str:
+    """A key that changes when any source file's path, size or modification time changes."""
+    digest = hashlib.sha1(str(size).encode())
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def cached_sample(
+    image_path: str, mask_paths: Sequence[str], size: int, cache_dir: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The image (and mask, if any) resized to ``size``, decoded once and then read from the cache.
+
+    Each sample is one ``.npy`` file of shape ``(1 or 2, size, size)`` named by a
+    fingerprint of its source files, so an edited or replaced file is decoded again.
+    """
+    folder = Path(cache_dir or default_cache_dir()) / f"{size}px"
+    key = _fingerprint([image_path, *mask_paths], size)
+    cache_file = folder / f"{Path(image_path).stem}_{key}.npy"
+    if cache_file.is_file():
+        stacked = np.load(cache_file)
+    else:
+        if mask_paths:
+            image, mask = read_pair(image_path, mask_paths)
+            stacked = np.stack([resize_image(image, size), resize_mask(mask, size)])
+        else:
+            stacked = resize_image(read_xray(image_path), size)[None]
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = cache_file.with_name(f"{cache_file.stem}.{os.getpid()}.tmp.npy")
+        np.save(temporary, stacked)
+        os.replace(temporary, cache_file)
+    return stacked[0], (stacked[1] if stacked.shape[0] > 1 else None)
+
+
+def load_arrays(
+    rows: pd.DataFrame, size: int, cache_dir: str | os.PathLike | None = None, workers: int | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Stack the cached images ``(N, size, size)`` and masks (None if any row is unlabeled).
+
+    Decoding runs on a thread pool (OpenCV releases the GIL); cached samples load in milliseconds.
+    """
+    workers = workers or min(8, os.cpu_count() or 1)
+    jobs = list(zip(rows["image_path"], rows["mask_paths"]))
+    with ThreadPoolExecutor(workers) as pool:
+        samples = list(
+            tqdm(
+                pool.map(lambda job: cached_sample(job[0], job[1], size, cache_dir), jobs),
+                total=len(jobs),
+                desc=f"images at {size}px",
+                leave=False,
+            )
+        )
+    images = np.stack([s[0] for s in samples]) if samples else np.zeros((0, size, size), np.uint8)
+    if any(s[1] is None for s in samples):
+        return images, None
+    masks = np.stack([s[1] for s in samples]) if samples else np.zeros((0, size, size), np.uint8)
+    return images, masks
+
+
+# --------------------------------------------------------------------------
+# Dataset and augmentation
+# --------------------------------------------------------------------------
+
+
+def train_transforms(rotate_limit: float = 35, photometric: bool = True) -> A.Compose:
+    """Training augmentation: the write-up's rotation (±35°), small scale/shift, exposure changes.
+
+    No horizontal flip: the heart lies on the left, so a flipped chest is an
+    anatomy (dextrocardia) that the model would almost never meet; flipping would
+    teach it that the two lungs are interchangeable when their shapes differ.
+    Brightness, contrast and gamma changes imitate other machines and exposures.
+    """
+    steps: list[A.BasicTransform] = [
+        A.Affine(
+            rotate=(-rotate_limit, rotate_limit),
+            scale=(0.9, 1.1),
+            translate_percent=(-0.05, 0.05),
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=0,
+            fill_mask=0,
+            p=0.7,
+        )
+    ]
+    if photometric:
+        steps += [
+            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+            A.RandomGamma(gamma_limit=(80, 120), p=0.3),
+        ]
+    return A.Compose(steps)
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """8-bit gray ``(H, W)`` -> float ``(3, H, W)``: scaled to [0, 1], repeated, ImageNet-normalized."""
+    scaled = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (scaled.unsqueeze(0).expand(3, -1, -1) - mean) / std
+
+
+class LungDataset(Dataset):
+    """Cached images and masks as model-ready tensors, with optional Albumentations transforms."""
+
+    def __init__(self, images: np.ndarray, masks: np.ndarray, transform: A.Compose | None = None):
+        if masks is None or len(images) != len(masks):
+            raise LungsegDataError("LungDataset needs one mask per image; unlabeled images are for inference only.")
+        self.images, self.masks, self.transform = images, masks, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.images[index], self.masks[index]
+        if self.transform is not None:
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        return image_to_tensor(image), torch.from_numpy(np.ascontiguousarray(mask)).float().unsqueeze(0)
+
+
+def check_arrays(images: np.ndarray, masks: np.ndarray) -> None:
+    """smp-style sanity checks before training: sizes divisible by 32, masks in {0, 1}, same count."""
+    assert images.shape == masks.shape, f"images {images.shape} and masks {masks.shape} differ"
+    assert images.shape[1] % 32 == 0 and images.shape[2] % 32 == 0, "U-Net needs sizes divisible by 32"
+    assert set(np.unique(masks)).issubset({0, 1}), "masks must hold only 0 and 1"
+
+
+# --------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------
+
+_warned_offline = False
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
+    """Fast check that ``host`` answers on port 443 (avoids long retry loops when offline)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true"}:
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _cached_imagenet_state(encoder: str) -> dict[str, torch.Tensor] | None:
+    """The encoder's ImageNet weights from the Hugging Face cache (no network), or None."""
+    from huggingface_hub import hf_hub_download
+    from safetensors.torch import load_file
+
+    settings = smp.encoders.encoders.get(encoder, {}).get("pretrained_settings", {}).get("imagenet")
+    if not settings:
+        return None
+    try:
+        path = hf_hub_download(
+            settings["repo_id"], "model.safetensors", revision=settings["revision"], local_files_only=True
+        )
+    except Exception:
+        return None
+    return load_file(path, device="cpu")
+
+
+def _load_weights_file(model: smp.Unet, path: Path) -> None:
+    """Load a local ``.safetensors``/``.pth`` file of encoder or whole-model weights (safely)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"Weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model_state", state) if isinstance(state, dict) else state
+    encoder_keys = set(model.encoder.state_dict())
+    target = model.encoder if encoder_keys >= set(state) - {"fc.weight", "fc.bias"} else model
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")} if target is model.encoder else state
+    try:
+        target.load_state_dict(state)
+    except RuntimeError as error:
+        raise LungsegDataError(f"{path}: these weights do not fit this architecture ({error}).") from error
+
+
+def _zero_skips(module: nn.Module, inputs, features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Encoder forward hook that zeroes every skip feature, keeping only the bottleneck."""
+    return [torch.zeros_like(f) for f in features[:-1]] + [features[-1]]
+
+
+def build_model(
+    encoder: str = "resnet34",
+    weights: str | os.PathLike | None = "imagenet",
+    skip_connections: bool = True,
+) -> smp.Unet:
+    """A U-Net with the given encoder, 3 input channels and one output (lung logits).
+
+    ``weights``: ``"imagenet"`` (from the Hugging Face cache or the internet; if
+    neither can be reached, random initialization with one warning), ``None``
+    (random) or a path to a local ``.safetensors``/``.pth`` file.
+    ``skip_connections=False`` zeroes the encoder's skip features (same
+    parameters, no shortcut), for the ablation in chapter 02.
+    """
+    global _warned_offline
+    model = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=3, classes=1)
+    loaded = None
+    if weights == "imagenet":
+        state = _cached_imagenet_state(encoder)
+        if state is not None:
+            model.encoder.load_state_dict(state)
+            loaded = "imagenet (Hugging Face cache)"
+        elif _hub_reachable():
+            model = smp.Unet(encoder_name=encoder, encoder_weights="imagenet", in_channels=3, classes=1)
+            loaded = "imagenet (downloaded)"
+        else:
+            if not _warned_offline:
+                warnings.warn(
+                    f"ImageNet weights for {encoder} are not in the Hugging Face cache and the hub cannot be "
+                    "reached: training from random initialization. To use them offline, pass "
+                    "weights='path/to/model.safetensors' or pre-fill the cache (see README).",
+                    stacklevel=2,
+                )
+                _warned_offline = True
+            loaded = None
+    elif weights is not None:
+        _load_weights_file(model, Path(weights))
+        loaded = str(weights)
+    if not skip_connections:
+        model.encoder.register_forward_hook(_zero_skips)
+    model.lungseg_config = dict(encoder=encoder, skip_connections=skip_connections, weights=loaded)
+    return model
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------
+
+
+class DiceBCELoss(nn.Module):
+    """Binary cross-entropy plus soft Dice loss, on logits.
+
+    BCE gives smooth per-pixel gradients from the first step; Dice measures the
+    overlap of the whole lung region and so is not swamped by the background
+    (about 70% of a chest X-ray). Dice is computed over the whole batch, as
+    segmentation-models-pytorch's ``DiceLoss(mode="binary")`` does, and is 0 for
+    a batch without any lung pixel. Dice here is the textbook
+    ``(2 |P∩T| + smooth) / (|P| + |T| + smooth)``; smp >= 0.5 writes it as
+    ``(|P∩T| + s) / ((|P| + |T|) / 2 + s)``, so its ``smooth=s`` is ours ``2 s``.
+    """
+
+    def __init__(self, smooth: float = 1.0, eps: float = 1e-7, bce_weight: float = 1.0, dice_weight: float = 1.0):
+        super().__init__()
+        self.smooth, self.eps, self.bce_weight, self.dice_weight = smooth, eps, bce_weight, dice_weight
+
+    def dice_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """1 - soft Dice of sigmoid(logits) against targets over the whole batch."""
+        probs = torch.sigmoid(logits.float()).flatten()
+        targets = targets.float().flatten()
+        intersection = (probs * targets).sum()
+        cardinality = (probs + targets).sum()
+        dice = (2 * intersection + self.smooth) / (cardinality + self.smooth).clamp_min(self.eps)
+        return (1 - dice) * (targets.sum() > 0)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+        return self.bce_weight * bce + self.dice_weight * self.dice_loss(logits, targets)
+
+
+# --------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------
+
+
+def dice_iou_per_image(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image Dice and IoU of binary masks ``(N, H, W)``, via ``smp.metrics`` (empty vs empty = 1)."""
+    pred_t = torch.as_tensor(np.asarray(pred)).long().unsqueeze(1)
+    target_t = torch.as_tensor(np.asarray(target)).long().unsqueeze(1)
+    tp, fp, fn, tn = smp.metrics.get_stats(pred_t, target_t, mode="binary")
+    dice = smp.metrics.f1_score(tp, fp, fn, tn, reduction="none", zero_division=1.0)
+    iou = smp.metrics.iou_score(tp, fp, fn, tn, reduction="none", zero_division=1.0)
+    return dice.flatten().numpy(), iou.flatten().numpy()
+
+
+def dataset_dice(pred: np.ndarray, target: np.ndarray) -> float:
+    """Dataset-wide ("micro") Dice: all pixels of all images pooled, so big lungs weigh more."""
+    pred_t = torch.as_tensor(np.asarray(pred)).long().unsqueeze(1)
+    target_t = torch.as_tensor(np.asarray(target)).long().unsqueeze(1)
+    tp, fp, fn, tn = smp.metrics.get_stats(pred_t, target_t, mode="binary")
+    return float(smp.metrics.f1_score(tp, fp, fn, tn, reduction="micro"))
+
+
+def seed_batch_dice(probs: np.ndarray, target: np.ndarray, batch_size: int = 8, smooth: float = 1.0) -> float:
+    """The write-up's metric: Dice of masks thresholded at 0.5, pooled per batch of 8, averaged over batches.
+
+    It depends on batch size and order, and large lungs dominate each batch,
+    which is why this project reports per-image Dice as its main score.
+    """
+    scores = []
+    for start in range(0, len(probs), batch_size):
+        p = (np.asarray(probs[start : start + batch_size]) > 0.5).astype(np.float64)
+        t = np.asarray(target[start : start + batch_size]).astype(np.float64)
+        scores.append((2 * (p * t).sum() + smooth) / (p.sum() + t.sum() + smooth))
+    return float(np.mean(scores))
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """The boundary pixels of a binary mask."""
+    mask = mask.astype(bool)
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def hausdorff95(pred: np.ndarray, target: np.ndarray) -> float:
+    """95th-percentile symmetric Hausdorff distance in pixels (MONAI's definition); nan if a mask is empty."""
+    pred_surface, target_surface = _surface(pred), _surface(target)
+    if not pred_surface.any() or not target_surface.any():
+        return float("nan")
+    to_target = ndimage.distance_transform_edt(~target_surface)[pred_surface]
+    to_pred = ndimage.distance_transform_edt(~pred_surface)[target_surface]
+    return float(max(np.percentile(to_target, 95), np.percentile(to_pred, 95)))
+
+
+# --------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in every checkpoint)."""
+
+    encoder: str = "resnet34"
+    weights: str | None = "imagenet"
+    image_size: int = 256
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 1e-4
+    schedule: str = "constant"  # or "onecycle"
+    patience: int = 5
+    seed: int = SEED
+    rotate_limit: float = 35
+    photometric: bool = True
+    skip_connections: bool = True
+    device: str | None = None
+    mixed_precision: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the best model, the history and where things are."""
+
+    model: nn.Module
+    history: pd.DataFrame
+    run_dir: Path
+    best_epoch: int
+    best_val_loss: float
+    wall_seconds: float
+    device: str
+    extra: dict = field(default_factory=dict)
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+    """A one-cycle schedule over all epochs, or None for a constant learning rate."""
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, epochs=config.epochs, steps_per_epoch=steps_per_epoch
+        )
+    if config.schedule != "constant":
+        raise ValueError(f"Unknown schedule {config.schedule!r}: use 'constant' or 'onecycle'.")
+    return None
+
+
+def _run_epoch(model, loader, loss_fn, device, amp_dtype, optimizer=None, scheduler=None, scaler=None, desc="") -> float:
+    """One pass over ``loader`` (training when an optimizer is given); returns the mean loss.
+
+    ``scaler`` (a GradScaler) is needed only for fp16 on a GPU; bf16 needs none.
+    """
+    training = optimizer is not None
+    model.train(training)
+    total, count = 0.0, 0
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    with torch.set_grad_enabled(training), tqdm(loader, desc=desc, leave=False) as bar:
+        for images, masks in bar:
+            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            masks = masks.to(device, non_blocking=True)
+            with autocast:
+                logits = model(images)
+            loss = loss_fn(logits.float(), masks)
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+            total += loss.item() * len(images)
+            count += len(images)
+            bar.set_postfix(loss=f"{total / count:.4f}")
+    return total / max(count, 1)
+
+
+def save_checkpoint(path: Path, model: nn.Module, config: TrainConfig, **extra) -> None:
+    """Write a checkpoint atomically: model weights, the run's config and extra state."""
+    payload = {"model_state": model.state_dict(), "config": asdict(config), **extra}
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model stored in a checkpoint of :func:`train` (``weights_only=True``, no code runs).
+
+    The returned model carries ``lungseg_config`` (its TrainConfig as a dict).
+    A checkpoint of another architecture raises :class:`LungsegDataError` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint not found: {path}. Train a model first (notebook 03 or `python lungseg_utils.py train`).")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or "model_state" not in payload or "config" not in payload:
+        raise LungsegDataError(f"{path}: not a lungseg checkpoint (no 'model_state'/'config'). Use a file written by train().")
+    config = payload["config"]
+    model = build_model(config["encoder"], weights=None, skip_connections=config.get("skip_connections", True))
+    try:
+        model.load_state_dict(payload["model_state"])
+    except RuntimeError as error:
+        raise LungsegDataError(
+            f"{path}: weights do not fit a U-Net with encoder {config['encoder']!r} "
+            f"(checkpoint of another architecture?): {str(error).splitlines()[0]}"
+        ) from error
+    model.lungseg_config = config
+    return model.to(device).eval()
+
+
+def plot_history(history: pd.DataFrame, path: str | os.PathLike | None = None):
+    """Loss and validation Dice per epoch; saved to ``path`` when given. Returns the figure."""
+    import matplotlib
+
+    if path is not None and "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax_loss.plot(history["epoch"], history["train_loss"], "o-", label="train")
+    ax_loss.plot(history["epoch"], history["val_loss"], "o-", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="DiceBCE loss", title="Loss")
+    ax_loss.legend()
+    ax_dice.plot(history["epoch"], history["val_dice"], "o-", color="tab:green")
+    ax_dice.set(xlabel="epoch", ylabel="per-image Dice", title="Validation Dice")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig
+
+
+def train(
+    train_arrays: tuple[np.ndarray, np.ndarray],
+    val_arrays: tuple[np.ndarray, np.ndarray],
+    run_dir: str | os.PathLike,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    on_epoch_end: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train a U-Net with DiceBCE and Adam; early stopping on validation loss.
+
+    Writes into ``run_dir``: ``best.pt`` (lowest validation loss), ``last.pt``
+    (everything needed to resume), ``history.csv`` and ``curves.png``. An existing
+    non-empty ``run_dir`` is never overwritten: pass ``resume=True`` to continue
+    from its ``last.pt``, or choose a new folder. ``on_epoch_end`` receives each
+    epoch's record (raise from it to stop, e.g. to simulate an interruption).
+    """
+    config = config or TrainConfig()
+    run_dir = Path(run_dir)
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise FileExistsError(
+            f"{run_dir} already holds a run. Pass resume=True to continue it, or use a new folder "
+            "(this code never overwrites a run)."
+        )
+    if resume and not last_path.is_file():
+        raise FileNotFoundError(f"Nothing to resume: {last_path} does not exist.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    check_arrays(*train_arrays)
+    check_arrays(*val_arrays)
+
+    device = pick_device(config.device)
+    amp_dtype = autocast_dtype(device) if config.mixed_precision else None
+    seed_everything(config.seed)
+    model = build_model(config.encoder, config.weights, config.skip_connections)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    train_loader = DataLoader(
+        LungDataset(*train_arrays, train_transforms(config.rotate_limit, config.photometric)),
+        batch_size=config.batch_size, shuffle=True, drop_last=len(train_arrays[0]) > config.batch_size,
+        num_workers=config.num_workers, pin_memory=device.type == "cuda",
+    )
+    val_loader = DataLoader(LungDataset(*val_arrays), batch_size=config.batch_size, num_workers=config.num_workers)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scheduler = _make_scheduler(optimizer, config, len(train_loader))
+    loss_fn = DiceBCELoss()
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+    records: list[dict] = []
+    start_epoch, best_val_loss, best_epoch, stale = 1, math.inf, 0, 0
+    if resume:
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model_state"])
+        optimizer.load_state_dict(state["optimizer_state"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler_state"])
+        records = list(pd.read_csv(run_dir / "history.csv").to_dict("records"))
+        start_epoch, best_val_loss = state["epoch"] + 1, state["best_val_loss"]
+        best_epoch, stale = state["best_epoch"], state["stale_epochs"]
+        print(f"Resuming {run_dir.name} after epoch {state['epoch']} (best so far: epoch {best_epoch}).")
+
+    print(f"Training on {device} ({amp_dtype or 'fp32'}), {len(train_arrays[0])} train / "
+          f"{len(val_arrays[0])} val images at {config.image_size}px, weights: {model.lungseg_config['weights']}")
+    started = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for epoch in range(start_epoch, config.epochs + 1):
+        if stale >= config.patience:
+            break
+        seed_everything(config.seed + epoch)
+        train_loader.dataset.transform.set_random_seed(config.seed + epoch)
+        epoch_start = time.perf_counter()
+        train_loss = _run_epoch(model, train_loader, loss_fn, device, amp_dtype, optimizer, scheduler, scaler, f"epoch {epoch} train")
+        train_seconds = time.perf_counter() - epoch_start
+        val_loss = _run_epoch(model, val_loader, loss_fn, device, amp_dtype, desc=f"epoch {epoch} val")
+        probs = predict_arrays(model, val_arrays[0], device=device, batch_size=config.batch_size * 2)
+        val_dice = float(dice_iou_per_image(probs > 0.5, val_arrays[1])[0].mean())
+        improved = val_loss < best_val_loss
+        if improved:
+            best_val_loss, best_epoch, stale = val_loss, epoch, 0
+            save_checkpoint(best_path, model, config, epoch=epoch, val_loss=val_loss)
+        else:
+            stale += 1
+        record = dict(
+            epoch=epoch, train_loss=train_loss, val_loss=val_loss, val_dice=val_dice,
+            lr=optimizer.param_groups[0]["lr"], epoch_seconds=time.perf_counter() - epoch_start,
+            train_images_per_s=len(train_loader.dataset) / train_seconds,
+        )
+        records.append(record)
+        pd.DataFrame(records).to_csv(run_dir / "history.csv", index=False)
+        save_checkpoint(
+            last_path, model, config, epoch=epoch, optimizer_state=optimizer.state_dict(),
+            scheduler_state=scheduler.state_dict() if scheduler is not None else {},
+            best_val_loss=best_val_loss, best_epoch=best_epoch, stale_epochs=stale,
+        )
+        print(f"epoch {epoch:2d}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  val Dice {val_dice:.4f}  "
+              f"{record['epoch_seconds']:.0f}s  {record['train_images_per_s']:.1f} img/s{'  *best*' if improved else ''}")
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+    else:
+        epoch = config.epochs
+    wall = time.perf_counter() - started
+    history = pd.DataFrame(records)
+    import matplotlib.pyplot as plt
+
+    plt.close(plot_history(history, run_dir / "curves.png"))
+    extra = {}
+    if device.type == "cuda":
+        extra["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    if stale >= config.patience:
+        print(f"Early stopping: no better validation loss for {config.patience} epochs.")
+    best_model = load_checkpoint(best_path, device)
+    return TrainResult(best_model, history, run_dir, best_epoch, best_val_loss, wall, str(device), extra)
+
+
+def train_config_for_mode(quick: bool | None = None, **overrides) -> TrainConfig:
+    """The TrainConfig of a full run, or of the quick CI run (small size, two epochs)."""
+    run = RunConfig.for_mode(quick)
+    values = dict(image_size=run.image_size, epochs=run.epochs, batch_size=run.batch_size, patience=run.patience)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def unique_run_dir(base: str | os.PathLike = REPO_DIR / "runs", prefix: str = "run") -> Path:
+    """A new folder name under ``base`` (``prefix-YYYYmmdd-HHMMSS``), never an existing one."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate = Path(base) / f"{prefix}-{stamp}"
+    n = 1
+    while candidate.exists():
+        n += 1
+        candidate = Path(base) / f"{prefix}-{stamp}-{n}"
+    return candidate
+
+
+# --------------------------------------------------------------------------
+# Inference and figures
+# --------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_arrays(
+    model: nn.Module, images: np.ndarray, device: str | torch.device | None = None, batch_size: int = 16, tta_flip: bool = False
+) -> np.ndarray:
+    """Lung probabilities ``(N, H, W)`` for 8-bit images already at the model's size.
+
+    ``tta_flip`` averages with the prediction on the horizontally flipped image.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    amp_dtype = autocast_dtype(device)
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack([image_to_tensor(im) for im in images[start : start + batch_size]])
+        batch = batch.to(device).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+            probs = torch.sigmoid(model(batch).float())
+            if tta_flip:
+                probs = (probs + torch.sigmoid(model(batch.flip(-1)).float()).flip(-1)) / 2
+        outputs.append(probs[:, 0].float().cpu().numpy())
+    return np.concatenate(outputs) if outputs else np.zeros((0, *images.shape[1:]), np.float32)
+
+
+def postprocess_mask(mask: np.ndarray, keep_components: int = 2, fill_holes: bool = True) -> np.ndarray:
+    """Keep the ``keep_components`` largest connected regions (the two lungs) and fill holes."""
+    mask = mask.astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count - 1 > keep_components:
+        areas = stats[1:, cv2.CC_STAT_AREA]
+        keep = 1 + np.argsort(areas)[::-1][:keep_components]
+        mask = np.isin(labels, keep).astype(np.uint8)
+    if fill_holes:
+        mask = ndimage.binary_fill_holes(mask).astype(np.uint8)
+    return mask
+
+
+def model_image_size(model: nn.Module, default: int = 256) -> int:
+    """The input size a model was trained at (from its checkpoint config), else ``default``."""
+    return int(getattr(model, "lungseg_config", {}).get("image_size", default))
+
+
+def predict_proba(model: nn.Module, image: str | os.PathLike | np.ndarray, size: int | None = None) -> np.ndarray:
+    """Lung probability map at the image's original size, for a path or an array of any kind."""
+    gray = read_xray(image) if isinstance(image, (str, os.PathLike)) else to_gray_uint8(np.asarray(image), "array")
+    size = size or model_image_size(model)
+    probs = predict_arrays(model, resize_image(gray, size)[None])[0]
+    return cv2.resize(probs, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def predict(
+    model: nn.Module,
+    image: str | os.PathLike | np.ndarray,
+    threshold: float = 0.5,
+    postprocess: bool = False,
+    size: int | None = None,
+) -> np.ndarray:
+    """Binary lung mask (0/1 ``uint8``) at the image's original size.
+
+    ``image`` is a path or an array: any size, 8 or 16 bit, gray or RGB(A).
+    ``postprocess`` keeps the two largest regions and fills holes.
+    """
+    mask = (predict_proba(model, image, size) > threshold).astype(np.uint8)
+    return postprocess_mask(mask) if postprocess else mask
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (0, 200, 0), alpha: float = 0.4) -> np.ndarray:
+    """RGB picture of an X-ray with ``mask`` tinted in ``color`` and its outline drawn."""
+    gray = to_gray_uint8(np.asarray(image))
+    rgb = np.repeat(gray[:, :, None], 3, axis=2).astype(np.float32)
+    tint = mask.astype(bool)
+    rgb[tint] = (1 - alpha) * rgb[tint] + alpha * np.array(color, np.float32)
+    out = rgb.astype(np.uint8)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(out, contours, -1, color, max(1, gray.shape[0] // 256))
+    return out
+
+
+def error_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """RGB picture: true positives green, false positives red, false negatives blue."""
+    gray = to_gray_uint8(np.asarray(image))
+    rgb = np.repeat(gray[:, :, None], 3, axis=2).astype(np.float32)
+    pred, truth = pred.astype(bool), truth.astype(bool)
+    for region, color in ((pred & truth, (0, 180, 0)), (pred & ~truth, (230, 30, 30)), (~pred & truth, (40, 90, 255))):
+        rgb[region] = (1 - alpha) * rgb[region] + alpha * np.array(color, np.float32)
+    return rgb.astype(np.uint8)
+
+
+# --------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------
+
+
+def evaluate(
+    model: nn.Module,
+    rows: pd.DataFrame,
+    size: int | None = None,
+    original_resolution: bool = True,
+    threshold: float = 0.5,
+    postprocess: bool = False,
+    tta_flip: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> pd.DataFrame:
+    """Per-image Dice, IoU and HD95 at the model's size and (optionally) at the original size.
+
+    Returns one row per image with the table's columns plus ``dice``, ``iou``,
+    ``hd95`` and, at the original resolution, ``dice_orig``, ``iou_orig``,
+    ``hd95_orig``. The model-size probabilities are kept in ``.attrs["probs"]``.
+    """
+    size = size or model_image_size(model)
+    images, masks = load_arrays(rows, size, cache_dir)
+    probs = predict_arrays(model, images, tta_flip=tta_flip)
+    preds = (probs > threshold).astype(np.uint8)
+    if postprocess:
+        preds = np.stack([postprocess_mask(p) for p in preds])
+    result = rows.reset_index(drop=True).copy()
+    result["dice"], result["iou"] = dice_iou_per_image(preds, masks)
+    result["hd95"] = [hausdorff95(p, m) for p, m in zip(preds, masks)]
+    if original_resolution:
+        scores = []
+        for prob, (_, row) in zip(probs, result.iterrows()):
+            _, full_mask = read_pair(row["image_path"], row["mask_paths"])
+            full_prob = cv2.resize(prob, (full_mask.shape[1], full_mask.shape[0]), interpolation=cv2.INTER_LINEAR)
+            full_pred = (full_prob > threshold).astype(np.uint8)
+            if postprocess:
+                full_pred = postprocess_mask(full_pred)
+            dice, iou = dice_iou_per_image(full_pred[None], full_mask[None])
+            scores.append((dice[0], iou[0], hausdorff95(full_pred, full_mask)))
+        result["dice_orig"], result["iou_orig"], result["hd95_orig"] = map(list, zip(*scores))
+    result.attrs["probs"] = probs
+    result.attrs["masks"] = masks
+    return result
+
+
+def summarize_scores(values: Sequence[float], n_bootstrap: int = 2000, seed: int = SEED) -> dict[str, float]:
+    """Mean, std, median, 5th percentile and a bootstrap 95% confidence interval of the mean."""
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    rng = np.random.default_rng(seed)
+    means = rng.choice(values, size=(n_bootstrap, len(values)), replace=True).mean(axis=1)
+    return dict(
+        mean=values.mean(), std=values.std(ddof=1) if len(values) > 1 else 0.0, median=np.median(values),
+        p5=np.percentile(values, 5), ci_low=np.percentile(means, 2.5), ci_high=np.percentile(means, 97.5), n=len(values),
+    )
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+def _cli_train(args: argparse.Namespace) -> None:
+    """Train on the train part of :func:`three_way_split` and score validation and test."""
+    table = build_pairs_table(args.data_dir)
+    run = RunConfig.for_mode(args.quick or None)
+    split = quick_subset(three_way_split(table), run.max_images)
+    config = TrainConfig(
+        image_size=args.size or run.image_size, epochs=args.epochs or run.epochs, lr=args.lr,
+        schedule=args.schedule, weights=None if args.weights == "none" else args.weights,
+    )
+    arrays = {k: load_arrays(v, config.image_size) for k, v in split.items()}
+    result = train(arrays["train"], arrays["val"], args.out or unique_run_dir(), config, resume=args.resume)
+    for part in ("val", "test"):
+        scores = evaluate(result.model, split[part], config.image_size, original_resolution=False)
+        seed_style = seed_batch_dice(scores.attrs["probs"], scores.attrs["masks"])
+        print(f"{part}: per-image Dice {scores['dice'].mean():.4f}  IoU {scores['iou'].mean():.4f}  "
+              f"HD95 {scores['hd95'].mean():.2f}px  seed-style batch Dice {seed_style:.4f}  (n={len(scores)})")
+    print(f"best epoch {result.best_epoch} of {len(result.history)}, wall {result.wall_seconds / 60:.1f} min, "
+          f"{result.history['train_images_per_s'].mean():.1f} train img/s on {result.device}")
+
+
+def _cli_predict(args: argparse.Namespace) -> None:
+    """Write a PNG mask (0/255) next to each input's name in ``--out``; never overwrite without --force."""
+    model = load_checkpoint(args.checkpoint)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for image_path in args.images:
+        target = out / f"{Path(image_path).stem}_mask.png"
+        if target.exists() and not args.force:
+            raise SystemExit(f"{target} exists; pass --force to overwrite it.")
+        try:
+            mask = predict(model, image_path, threshold=args.threshold, postprocess=not args.raw)
+        except LungsegDataError as error:
+            raise SystemExit(str(error)) from None
+        cv2.imwrite(str(target), mask * 255)
+        print(f"{image_path} -> {target}  (lung fraction {mask.mean():.3f})")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point: ``download``, ``train`` and ``predict``."""
+    parser = argparse.ArgumentParser(prog="lungseg_utils.py", description="Lung segmentation in chest X-rays.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    download = commands.add_parser("download", help="download the public data sets into a folder")
+    download.add_argument("--target", default=str(REPO_DIR / "data"))
+    download.add_argument("--montgomery", action="store_true", help="also fetch the NLM Montgomery zip")
+    trainer = commands.add_parser("train", help="train a U-Net/ResNet34 on the three-way split")
+    trainer.add_argument("--data-dir", default=None)
+    trainer.add_argument("--out", default=None, help="new run folder (default runs/run-<time>)")
+    trainer.add_argument("--size", type=int, default=None)
+    trainer.add_argument("--epochs", type=int, default=None)
+    trainer.add_argument("--lr", type=float, default=1e-4)
+    trainer.add_argument("--schedule", default="constant", choices=["constant", "onecycle"])
+    trainer.add_argument("--weights", default="imagenet", help="imagenet, none or a weights file")
+    trainer.add_argument("--quick", action="store_true")
+    trainer.add_argument("--resume", action="store_true")
+    predictor = commands.add_parser("predict", help="segment X-rays and write PNG masks")
+    predictor.add_argument("images", nargs="+")
+    predictor.add_argument("--checkpoint", required=True)
+    predictor.add_argument("--out", required=True)
+    predictor.add_argument("--threshold", type=float, default=0.5)
+    predictor.add_argument("--raw", action="store_true", help="skip post-processing")
+    predictor.add_argument("--force", action="store_true", help="overwrite existing mask files")
+    args = parser.parse_args(argv)
+    if args.command == "download":
+        print(download_kaggle(args.target))
+        if args.montgomery:
+            print(download_montgomery(args.target))
+    elif args.command == "train":
+        _cli_train(args)
+    else:
+        _cli_predict(args)
+
+
+if __name__ == "__main__":
+    main()

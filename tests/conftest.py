@@ -1,0 +1,53 @@
+"""Shared fixtures: the real data (via LUNGSEG_DATA_DIR) and tiny synthetic data sets."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """The shared real data set; CI sets LUNGSEG_DATA_DIR, and its absence is a failure, not a skip."""
+    path = os.environ.get("LUNGSEG_DATA_DIR") or REPO.parent / "shared/data/chest-xray-masks-and-labels"
+    assert Path(path).is_dir(), f"Real data not found at {path}: set LUNGSEG_DATA_DIR (see README)."
+    return Path(path)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test writes its cache into a temporary folder, never into the repository."""
+    monkeypatch.setenv("LUNGSEG_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def lung_mask(size: int = 64, shift: int = 0) -> np.ndarray:
+    """A 0/255 mask with two elliptic 'lungs'."""
+    mask = np.zeros((size, size), np.uint8)
+    cv2.ellipse(mask, (size // 3 + shift, size // 2), (size // 8, size // 3), 0, 0, 360, 255, -1)
+    cv2.ellipse(mask, (2 * size // 3 + shift, size // 2), (size // 8, size // 3), 0, 0, 360, 255, -1)
+    return mask
+
+
+def write_kaggle_layout(root: Path, n: int = 4, size: int = 64) -> Path:
+    """A tiny data set in the Kaggle layout: both naming conventions, one unlabeled image."""
+    base = root / "Lung Segmentation"
+    (base / "CXR_png").mkdir(parents=True)
+    (base / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        for prefix, mask_suffix in (("MCUCXR", ""), ("CHNCXR", "_mask")):
+            name = f"{prefix}_{i:04d}_{i % 2}"
+            image = (rng.random((size, size)) * 80).astype(np.uint8) + lung_mask(size) // 2
+            cv2.imwrite(str(base / "CXR_png" / f"{name}.png"), image)
+            cv2.imwrite(str(base / "masks" / f"{name}{mask_suffix}.png"), lung_mask(size))
+    cv2.imwrite(str(base / "CXR_png" / "CHNCXR_9999_1.png"), np.zeros((size, size), np.uint8))
+    return base

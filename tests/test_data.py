@@ -1,0 +1,247 @@
+"""Data location, pairing, reading, bad input, splits and the cache."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import lungseg_utils as L
+from conftest import lung_mask, write_kaggle_layout
+
+
+# ---------------------------------------------------------------- location
+def test_find_data_dir_accepts_parent_and_folder_itself(tmp_path):
+    base = write_kaggle_layout(tmp_path)
+    assert L.find_data_dir(tmp_path) == base
+    assert L.find_data_dir(base) == base
+
+
+def test_find_data_dir_uses_environment_variable(tmp_path, monkeypatch):
+    base = write_kaggle_layout(tmp_path)
+    monkeypatch.setenv("LUNGSEG_DATA_DIR", str(tmp_path))
+    assert L.find_data_dir() == base
+
+
+def test_missing_data_folder_says_how_to_get_data(tmp_path):
+    with pytest.raises(L.LungsegDataError, match=r"(?s)Data folder not found.*lungseg_utils.py download"):
+        L.find_data_dir(tmp_path / "nowhere")
+
+
+def test_empty_data_folder_says_how_to_get_data(tmp_path):
+    (tmp_path / "Lung Segmentation" / "CXR_png").mkdir(parents=True)
+    with pytest.raises(L.LungsegDataError, match="No chest X-rays found") as error:
+        L.find_data_dir(tmp_path)
+    assert "LUNGSEG_DATA_DIR" in str(error.value)
+
+
+# ---------------------------------------------------------------- pairing
+def test_pairs_table_on_real_data(real_data_dir):
+    table = L.build_pairs_table(real_data_dir)
+    assert len(table) == 800
+    assert table["labeled"].sum() == 704
+    counts = table[table.labeled].groupby("source").size().to_dict()
+    assert counts == {"Montgomery": 138, "Shenzhen": 566}
+    unlabeled = table[~table.labeled]
+    assert len(unlabeled) == 96 and set(unlabeled.source) == {"Shenzhen"}
+    assert set(table.tb_label) == {0, 1}
+    row = table.set_index("name").loc["CHNCXR_0001_0"]
+    assert row.mask_paths[0].endswith("CHNCXR_0001_0_mask.png") and row.tb_label == 0
+    row = table.set_index("name").loc["MCUCXR_0001_0"]
+    assert Path(row.mask_paths[0]).name == "MCUCXR_0001_0.png"
+    assert (table.height > 0).all() and (table.width > 0).all()
+
+
+def test_pairs_table_both_naming_conventions(tmp_path):
+    write_kaggle_layout(tmp_path, n=3)
+    table = L.build_pairs_table(tmp_path)
+    assert len(table) == 7 and table.labeled.sum() == 6
+    assert table.set_index("name").loc["CHNCXR_9999_1", "mask_paths"] == ()
+    assert list(L.labeled_only(table).name) == sorted(L.labeled_only(table).name)
+
+
+def test_nlm_left_right_masks_are_combined(tmp_path):
+    root = tmp_path / "MontgomerySet"
+    for sub in ("CXR_png", "ManualMask/leftMask", "ManualMask/rightMask"):
+        (root / sub).mkdir(parents=True)
+    both = lung_mask(64)
+    left, right = both.copy(), both.copy()
+    left[:, 32:], right[:, :32] = 0, 0
+    cv2.imwrite(str(root / "CXR_png/MCUCXR_0001_0.png"), np.full((64, 64), 90, np.uint8))
+    cv2.imwrite(str(root / "ManualMask/leftMask/MCUCXR_0001_0.png"), left)
+    cv2.imwrite(str(root / "ManualMask/rightMask/MCUCXR_0001_0.png"), right)
+    table = L.build_pairs_table(tmp_path)
+    assert len(table.loc[0, "mask_paths"]) == 2 and table.loc[0, "source"] == "Montgomery"
+    _, mask = L.read_pair(table.loc[0, "image_path"], table.loc[0, "mask_paths"])
+    np.testing.assert_array_equal(mask, both // 255)
+
+
+def test_mask_without_image_is_named(tmp_path):
+    base = write_kaggle_layout(tmp_path)
+    os.remove(base / "CXR_png" / "MCUCXR_0001_1.png")
+    with pytest.raises(L.LungsegDataError, match=r"Mask without an image: .*MCUCXR_0001_1\.png"):
+        L.build_pairs_table(tmp_path)
+
+
+def test_image_without_mask_cannot_be_used_for_training(tmp_path):
+    write_kaggle_layout(tmp_path)
+    table = L.build_pairs_table(tmp_path)
+    unlabeled = table[~table.labeled]
+    with pytest.raises(L.LungsegDataError, match="unlabeled"):
+        L.read_mask(unlabeled.iloc[0].mask_paths)
+    images, masks = L.load_arrays(unlabeled, 32)
+    assert images.shape == (1, 32, 32) and masks is None
+    with pytest.raises(L.LungsegDataError, match="one mask per image"):
+        L.LungDataset(images, masks)
+
+
+# ---------------------------------------------------------------- bad files
+def test_mask_of_another_size_is_named(tmp_path):
+    base = write_kaggle_layout(tmp_path)
+    cv2.imwrite(str(base / "masks" / "CHNCXR_0000_0_mask.png"), lung_mask(96))
+    table = L.build_pairs_table(tmp_path).set_index("name")
+    row = table.loc["CHNCXR_0000_0"]
+    with pytest.raises(L.LungsegDataError, match=r"Size mismatch: image .*CHNCXR_0000_0\.png is 64x64 but mask .*_mask\.png is 96x96"):
+        L.read_pair(row.image_path, row.mask_paths)
+
+
+def test_corrupt_png_is_named(tmp_path):
+    base = write_kaggle_layout(tmp_path)
+    bad = base / "CXR_png" / "MCUCXR_0000_0.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(L.LungsegDataError, match=r"MCUCXR_0000_0\.png: cannot be read"):
+        L.build_pairs_table(tmp_path)
+    with pytest.raises(L.LungsegDataError, match=r"MCUCXR_0000_0\.png: cannot be decoded.*Replace it"):
+        L.read_xray(bad)
+
+
+def test_16bit_and_rgba_masks_are_refused_with_the_file_named(tmp_path):
+    sixteen = tmp_path / "m16.png"
+    cv2.imwrite(str(sixteen), lung_mask().astype(np.uint16) * 257)
+    with pytest.raises(L.LungsegDataError, match=r"m16\.png: mask is uint16, expected 8-bit"):
+        L.read_mask([sixteen])
+    rgba = tmp_path / "mrgba.png"
+    cv2.imwrite(str(rgba), np.dstack([lung_mask()] * 3 + [np.full((64, 64), 255, np.uint8)]))
+    with pytest.raises(L.LungsegDataError, match=r"mrgba\.png: mask has 4 channels"):
+        L.read_mask([rgba])
+
+
+def test_16bit_and_rgba_images_become_8bit_gray(tmp_path):
+    gray = np.tile(np.arange(64, dtype=np.uint16) * 1000, (64, 1))
+    cv2.imwrite(str(tmp_path / "x16.png"), gray)
+    image = L.read_xray(tmp_path / "x16.png")
+    assert image.dtype == np.uint8 and image.shape == (64, 64) and image.min() == 0 and image.max() == 255
+    rgba = np.dstack([np.full((40, 50), 100, np.uint8)] * 3 + [np.zeros((40, 50), np.uint8)])
+    cv2.imwrite(str(tmp_path / "xrgba.png"), rgba)
+    image = L.read_xray(tmp_path / "xrgba.png")
+    assert image.shape == (40, 50) and (image == 100).all()
+
+
+def test_resize_mask_stays_binary():
+    mask = lung_mask(512) // 255
+    small = L.resize_mask(mask, 256)
+    assert set(np.unique(small)) == {0, 1}
+    assert abs(small.mean() - mask.mean()) < 0.01
+    assert L.resize_mask(small, (300, 200)).shape == (300, 200)
+
+
+# ---------------------------------------------------------------- splits
+def test_seed_split_is_the_writeups(real_data_dir):
+    table = L.build_pairs_table(real_data_dir)
+    train, val = L.seed_split(table)
+    assert (len(train), len(val)) == (563, 141)
+    again_train, _ = L.seed_split(table.sample(frac=1, random_state=1))
+    assert list(train.name) == list(again_train.name), "split must not depend on listing order"
+    L.assert_disjoint({"train": train, "val": val})
+
+
+def test_three_way_split_is_stratified_disjoint_and_deterministic(real_data_dir):
+    table = L.build_pairs_table(real_data_dir)
+    split = L.three_way_split(table)
+    assert sum(len(v) for v in split.values()) == 704
+    L.assert_disjoint(split)
+    for part in split.values():
+        share = (part.source == "Montgomery").mean()
+        assert abs(share - 138 / 704) < 0.03
+        assert part.labeled.all()
+    again = L.three_way_split(table.sample(frac=1, random_state=3))
+    assert all(list(split[k].name) == list(again[k].name) for k in split)
+
+
+def test_assert_disjoint_catches_overlap(real_data_dir):
+    table = L.labeled_only(L.build_pairs_table(real_data_dir))
+    with pytest.raises(AssertionError, match="in both a and b"):
+        L.assert_disjoint({"a": table.iloc[:10], "b": table.iloc[5:15]})
+
+
+def test_quick_subset_keeps_both_sources(real_data_dir):
+    split = L.quick_subset(L.three_way_split(L.build_pairs_table(real_data_dir)), 80)
+    assert 60 <= sum(len(v) for v in split.values()) <= 100
+    assert all(set(v.source) == {"Montgomery", "Shenzhen"} for v in split.values())
+    L.assert_disjoint(split)
+
+
+# ---------------------------------------------------------------- cache
+def test_cache_is_written_outside_repo_and_reused(tmp_path, real_data_dir):
+    rows = L.labeled_only(L.build_pairs_table(real_data_dir)).iloc[:3]
+    images, masks = L.load_arrays(rows, 64, cache_dir=tmp_path)
+    assert images.shape == (3, 64, 64) and masks.shape == (3, 64, 64)
+    assert set(np.unique(masks)) == {0, 1}
+    files = sorted((tmp_path / "64px").glob("*.npy"))
+    assert len(files) == 3
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again, _ = L.load_arrays(rows, 64, cache_dir=tmp_path)
+    np.testing.assert_array_equal(images, again)
+    assert [f.stat().st_mtime_ns for f in files] == stamps, "a cached sample was decoded again"
+
+
+def test_cache_rebuilds_when_source_changes(tmp_path):
+    write_kaggle_layout(tmp_path / "data")
+    table = L.build_pairs_table(tmp_path / "data")
+    row = L.labeled_only(table).iloc[0]
+    before, _ = L.cached_sample(row.image_path, row.mask_paths, 32, tmp_path / "cache")
+    time.sleep(0.01)
+    cv2.imwrite(row.image_path, np.full((64, 64), 200, np.uint8))
+    after, _ = L.cached_sample(row.image_path, row.mask_paths, 32, tmp_path / "cache")
+    assert (after == 200).all() and not (before == 200).all()
+
+
+def test_default_cache_dir_is_outside_repo(monkeypatch):
+    monkeypatch.delenv("LUNGSEG_CACHE_DIR")
+    assert not L.default_cache_dir().resolve().is_relative_to(L.REPO_DIR)
+
+
+# ---------------------------------------------------------------- dataset
+def test_dataset_tensors_and_normalization():
+    images = np.stack([np.full((64, 64), 255, np.uint8), np.zeros((64, 64), np.uint8)])
+    masks = np.stack([lung_mask() // 255] * 2)
+    L.check_arrays(images, masks)
+    dataset = L.LungDataset(images, masks, L.train_transforms())
+    image, mask = dataset[0]
+    assert image.shape == (3, 64, 64) and mask.shape == (1, 64, 64)
+    plain_image, plain_mask = L.LungDataset(images, masks)[0]
+    expected = (1 - np.array(L.IMAGENET_MEAN)) / np.array(L.IMAGENET_STD)
+    np.testing.assert_allclose(plain_image[:, 0, 0].numpy(), expected, rtol=1e-5)
+    assert set(plain_mask.unique().tolist()) == {0.0, 1.0}
+
+
+def test_train_transforms_have_no_horizontal_flip():
+    names = {type(t).__name__ for t in L.train_transforms().transforms}
+    assert "HorizontalFlip" not in names and "Affine" in names
+
+
+def test_check_arrays_rejects_bad_sizes_and_values():
+    with pytest.raises(AssertionError, match="divisible by 32"):
+        L.check_arrays(np.zeros((1, 50, 50), np.uint8), np.zeros((1, 50, 50), np.uint8))
+    with pytest.raises(AssertionError, match="only 0 and 1"):
+        L.check_arrays(np.zeros((1, 64, 64), np.uint8), np.full((1, 64, 64), 255, np.uint8))
+
+
+def test_quick_mode_config(monkeypatch):
+    monkeypatch.setenv("LUNGSEG_QUICK", "1")
+    assert L.is_quick_mode() and L.RunConfig.for_mode().epochs <= 2
+    monkeypatch.setenv("LUNGSEG_QUICK", "0")
+    assert not L.is_quick_mode() and L.RunConfig.for_mode() == L.RunConfig(256, 20, None, 8, 5)

@@ -1,0 +1,302 @@
+"""Model building and weights, the loss, the metrics, training with resume, inference and the CLI."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import segmentation_models_pytorch as smp
+import torch
+from safetensors.torch import save_file
+
+import lungseg_utils as L
+from conftest import REPO, lung_mask
+
+
+# ---------------------------------------------------------------- model and weights
+def test_build_model_shapes_and_no_skip_variant():
+    x = torch.randn(2, 3, 64, 64)
+    model = L.build_model("resnet18", weights=None).eval()
+    assert model(x).shape == (2, 1, 64, 64)
+    no_skip = L.build_model("resnet18", weights=None, skip_connections=False).eval()
+    assert L.count_parameters(no_skip) == L.count_parameters(model)
+    features = no_skip.encoder(x)
+    assert all((f == 0).all() for f in features[:-1]) and (features[-1] != 0).any()
+
+
+def test_imagenet_offline_falls_back_fast_with_one_warning(monkeypatch):
+    monkeypatch.setattr(L, "_cached_imagenet_state", lambda encoder: None)
+    monkeypatch.setattr(L, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(L, "_warned_offline", False)
+    started = time.perf_counter()
+    with pytest.warns(UserWarning, match="random initialization"):
+        model = L.build_model("resnet18", weights="imagenet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        L.build_model("resnet18", weights="imagenet")  # warned once only
+    assert time.perf_counter() - started < 10
+    assert model.lungseg_config["weights"] is None
+
+
+def test_hub_unreachable_is_detected_quickly(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert L._hub_reachable() is False
+
+
+def test_imagenet_weights_from_local_hugging_face_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    settings = smp.encoders.encoders["resnet18"]["pretrained_settings"]["imagenet"]
+    reference = L.build_model("resnet18", weights=None).encoder.state_dict()
+    snapshot = tmp_path / f"models--{settings['repo_id'].replace('/', '--')}" / "snapshots" / settings["revision"]
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in reference.items()}, str(snapshot / "model.safetensors"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(L, "_hub_reachable", lambda *a, **k: pytest.fail("must not go online"))
+    model = L.build_model("resnet18", weights="imagenet")
+    assert model.lungseg_config["weights"] == "imagenet (Hugging Face cache)"
+    for key, value in reference.items():
+        torch.testing.assert_close(model.encoder.state_dict()[key], value)
+
+
+def test_weights_from_local_files(tmp_path):
+    source = L.build_model("resnet18", weights=None)
+    encoder_state = {k: v.contiguous() for k, v in source.encoder.state_dict().items()}
+    save_file(encoder_state, str(tmp_path / "encoder.safetensors"))
+    model = L.build_model("resnet18", weights=tmp_path / "encoder.safetensors")
+    torch.testing.assert_close(model.encoder.conv1.weight, source.encoder.conv1.weight)
+    torch.save(source.state_dict(), tmp_path / "whole.pth")
+    model = L.build_model("resnet18", weights=tmp_path / "whole.pth")
+    torch.testing.assert_close(model.decoder.state_dict(), source.decoder.state_dict())
+    with pytest.raises(L.LungsegDataError, match=r"encoder\.safetensors: these weights do not fit"):
+        L.build_model("resnet34", weights=tmp_path / "encoder.safetensors")
+
+
+# ---------------------------------------------------------------- loss
+@pytest.mark.parametrize("smooth", [0.0, 1.0])
+def test_dicebce_equals_smp_dice_plus_bce(smooth):
+    """smp >= 0.5 writes Dice as (I + s) / (card / 2 + s): its smooth s is our 2 s."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 1, 32, 32) * 3
+    targets = (torch.rand(4, 1, 32, 32) > 0.6).float()
+    ours = L.DiceBCELoss(smooth=2 * smooth)(logits, targets)
+    reference = smp.losses.DiceLoss("binary", from_logits=True, smooth=smooth)(logits, targets) + torch.nn.BCEWithLogitsLoss()(logits, targets)
+    torch.testing.assert_close(ours, reference)
+    empty = torch.zeros_like(targets)
+    torch.testing.assert_close(
+        L.DiceBCELoss(smooth=2 * smooth)(logits, empty),
+        smp.losses.DiceLoss("binary", from_logits=True, smooth=smooth)(logits, empty) + torch.nn.BCEWithLogitsLoss()(logits, empty),
+    )
+
+
+def test_dicebce_is_low_for_a_good_prediction_and_differentiable():
+    targets = torch.from_numpy(lung_mask() // 255).float()[None, None]
+    good = (targets * 2 - 1) * 8
+    bad = -good
+    loss_fn = L.DiceBCELoss()
+    assert loss_fn(good, targets) < 0.01 < 1.5 < loss_fn(bad, targets)
+    logits = torch.zeros_like(targets, requires_grad=True)
+    loss_fn(logits, targets).backward()
+    assert logits.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- metrics
+def test_dice_iou_per_image_known_values():
+    target = np.zeros((2, 10, 10), np.uint8)
+    target[:, :, :5] = 1  # 50 pixels
+    pred = np.zeros_like(target)
+    pred[0, :, :5] = 1  # perfect
+    pred[1, :, 2:7] = 1  # 30 overlap of 50 + 50
+    dice, iou = L.dice_iou_per_image(pred, target)
+    np.testing.assert_allclose(dice, [1.0, 0.6], atol=1e-6)
+    np.testing.assert_allclose(iou, [1.0, 30 / 70], atol=1e-6)
+    empty = np.zeros((1, 10, 10), np.uint8)
+    assert L.dice_iou_per_image(empty, empty)[0][0] == 1.0
+
+
+def test_dataset_dice_pools_pixels():
+    target = np.zeros((2, 10, 10), np.uint8)
+    target[0] = 1  # 100 px
+    target[1, 0, :4] = 1  # 4 px
+    pred = target.copy()
+    pred[1] = 0  # miss the small one entirely
+    assert L.dice_iou_per_image(pred, target)[0].mean() == pytest.approx(0.5)
+    assert L.dataset_dice(pred, target) == pytest.approx(200 / 204)
+
+
+def test_seed_batch_dice_by_hand():
+    probs = np.zeros((3, 4, 4))
+    target = np.zeros((3, 4, 4))
+    probs[0, :2] = 0.9
+    target[0, :2] = 1  # perfect, 8 px
+    probs[1, :1] = 0.9
+    target[1, :2] = 1  # 4 of 8
+    first = (2 * (8 + 4) + 1) / (12 + 16 + 1)
+    third = 1.0  # empty both: (0 + 1) / (0 + 1)
+    assert L.seed_batch_dice(probs, target, batch_size=2) == pytest.approx((first + third) / 2)
+
+
+def test_hausdorff95_of_shifted_square():
+    a = np.zeros((64, 64), np.uint8)
+    a[20:40, 20:40] = 1
+    b = np.roll(a, 3, axis=1)
+    assert L.hausdorff95(a, a) == 0
+    assert L.hausdorff95(a, b) == pytest.approx(3.0)
+    assert np.isnan(L.hausdorff95(a, np.zeros_like(a)))
+
+
+def test_summarize_scores_interval_contains_mean():
+    values = np.random.default_rng(0).normal(0.95, 0.02, 200)
+    summary = L.summarize_scores(values)
+    assert summary["ci_low"] < summary["mean"] < summary["ci_high"]
+    assert summary["p5"] < summary["median"] and summary["n"] == 200
+
+
+# ---------------------------------------------------------------- training
+def tiny_arrays(n: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    masks = np.stack([lung_mask(size, shift=int(s)) // 255 for s in rng.integers(-4, 5, n)])
+    images = (masks * 120 + rng.integers(0, 60, masks.shape)).astype(np.uint8)
+    return images, masks
+
+
+def tiny_config(**overrides) -> L.TrainConfig:
+    values = dict(encoder="resnet18", weights=None, image_size=64, epochs=3, batch_size=4, lr=1e-3, device="cpu")
+    values.update(overrides)
+    return L.TrainConfig(**values)
+
+
+def test_train_writes_run_and_refuses_to_overwrite(tmp_path):
+    result = L.train(tiny_arrays(8), tiny_arrays(4, seed=1), tmp_path / "run", tiny_config(epochs=2))
+    for name in ("best.pt", "last.pt", "history.csv", "curves.png"):
+        assert (tmp_path / "run" / name).is_file()
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert list(history.epoch) == [1, 2] and (history.train_images_per_s > 0).all()
+    assert result.best_epoch in (1, 2) and result.best_val_loss == history.val_loss.min()
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        L.train(tiny_arrays(8), tiny_arrays(4, seed=1), tmp_path / "run", tiny_config(epochs=2))
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
+    data, val = tiny_arrays(8), tiny_arrays(4, seed=1)
+    config = tiny_config(schedule="onecycle")
+    full = L.train(data, val, tmp_path / "full", config)
+
+    def interrupt(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        L.train(data, val, tmp_path / "cut", config, on_epoch_end=interrupt)
+    assert pd.read_csv(tmp_path / "cut" / "history.csv").epoch.tolist() == [1]
+    resumed = L.train(data, val, tmp_path / "cut", config, resume=True)
+    assert resumed.history.epoch.tolist() == [1, 2, 3]
+    np.testing.assert_allclose(resumed.history.val_loss, full.history.val_loss, rtol=1e-4)
+    last_full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model_state"]
+    last_cut = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["model_state"]
+    for key in last_full:
+        torch.testing.assert_close(last_cut[key], last_full[key], rtol=1e-4, atol=1e-5)
+
+
+def test_early_stopping_stops_after_patience(tmp_path, monkeypatch):
+    monkeypatch.setattr(L, "_run_epoch", lambda *args, **kwargs: 1.0)  # a loss that never improves
+    result = L.train(tiny_arrays(8), tiny_arrays(4, seed=1), tmp_path / "run", tiny_config(epochs=6, patience=2))
+    assert result.history.epoch.tolist() == [1, 2, 3] and result.best_epoch == 1
+
+
+def test_resume_without_checkpoint_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Nothing to resume"):
+        L.train(tiny_arrays(8), tiny_arrays(4), tmp_path / "new", tiny_config(), resume=True)
+
+
+def test_checkpoint_of_another_architecture_is_named(tmp_path):
+    model = L.build_model("resnet18", weights=None)
+    L.save_checkpoint(tmp_path / "r18.pt", model, L.TrainConfig(encoder="resnet34"))
+    with pytest.raises(L.LungsegDataError, match=r"r18\.pt: weights do not fit a U-Net with encoder 'resnet34'"):
+        L.load_checkpoint(tmp_path / "r18.pt")
+    torch.save({"something": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(L.LungsegDataError, match=r"other\.pt: not a lungseg checkpoint"):
+        L.load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="Train a model first"):
+        L.load_checkpoint(tmp_path / "missing.pt")
+
+
+# ---------------------------------------------------------------- inference
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ckpt") / "run"
+    L.train(tiny_arrays(8), tiny_arrays(4, seed=1), run, tiny_config(epochs=1))
+    return run / "best.pt"
+
+
+def test_predict_any_input_returns_original_size(small_checkpoint, real_data_dir, tmp_path):
+    model = L.load_checkpoint(small_checkpoint)
+    assert L.model_image_size(model) == 64
+    image_path = next((real_data_dir / "Lung Segmentation" / "CXR_png").glob("MCUCXR_*.png"))
+    gray = L.read_xray(image_path)
+    variants = {
+        "path": image_path,
+        "gray": gray,
+        "non-square": cv2.resize(gray, (300, 410)),
+        "16-bit": gray.astype(np.uint16) * 257,
+        "rgb": np.dstack([gray] * 3),
+        "rgba": np.dstack([gray] * 3 + [np.full_like(gray, 255)]),
+    }
+    reference = L.predict(model, gray)
+    for name, image in variants.items():
+        mask = L.predict(model, image)
+        expected = (410, 300) if name == "non-square" else gray.shape
+        assert mask.shape == expected and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}, name
+        if name in ("path", "16-bit", "rgb", "rgba"):
+            assert (mask == reference).mean() > 0.99, name
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"garbage")
+    with pytest.raises(L.LungsegDataError, match=r"corrupt\.png: cannot be decoded"):
+        L.predict(model, corrupt)
+
+
+def test_postprocess_keeps_two_largest_and_fills_holes():
+    mask = lung_mask(64) // 255
+    mask[30:34, 20:22] = 0  # a hole in the left lung
+    mask[2:4, 2:4] = 1  # a speck
+    cleaned = L.postprocess_mask(mask)
+    assert cleaned[2, 2] == 0 and cleaned[31, 21] == 1
+    assert cv2.connectedComponents(cleaned)[0] - 1 == 2
+
+
+def test_overlays_are_rgb_pictures():
+    image = np.full((64, 64), 100, np.uint8)
+    mask = lung_mask() // 255
+    picture = L.overlay(image, mask)
+    assert picture.shape == (64, 64, 3) and (picture[mask == 0] == 100).mean() > 0.9
+    errors = L.error_overlay(image, np.roll(mask, 3, axis=1), mask)
+    assert errors.shape == (64, 64, 3) and errors[..., 0].max() > errors[..., 2].min()
+
+
+def test_evaluate_scores_at_both_resolutions(small_checkpoint, real_data_dir):
+    model = L.load_checkpoint(small_checkpoint)
+    rows = L.labeled_only(L.build_pairs_table(real_data_dir)).iloc[:2]
+    scores = L.evaluate(model, rows)
+    for column in ("dice", "iou", "hd95", "dice_orig", "iou_orig", "hd95_orig"):
+        assert column in scores and len(scores[column]) == 2
+    assert scores.attrs["probs"].shape == (2, 64, 64)
+    assert ((scores.dice >= 0) & (scores.dice <= 1)).all()
+
+
+# ---------------------------------------------------------------- command line
+def test_cli_help_and_predict(small_checkpoint, real_data_dir, tmp_path):
+    help_text = subprocess.run([sys.executable, str(REPO / "lungseg_utils.py"), "predict", "--help"], capture_output=True, text=True, check=True)
+    assert "--checkpoint" in help_text.stdout
+    image = next((real_data_dir / "Lung Segmentation" / "CXR_png").glob("CHNCXR_*.png"))
+    command = [sys.executable, str(REPO / "lungseg_utils.py"), "predict", str(image), "--checkpoint", str(small_checkpoint), "--out", str(tmp_path / "out")]
+    subprocess.run(command, check=True, capture_output=True)
+    written = cv2.imread(str(tmp_path / "out" / f"{image.stem}_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert written.shape == L.read_xray(image).shape and set(np.unique(written)) <= {0, 255}
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode != 0 and "--force" in again.stderr
