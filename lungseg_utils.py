@@ -105,6 +105,15 @@ class RunConfig:
         return cls(image_size=128, epochs=2, max_images=80) if quick else cls()
 
 
+def setup_notebook(seed: int = SEED) -> None:
+    """Notebook defaults: seeded RNGs, short warnings (no file paths), readable figures."""
+    import matplotlib.pyplot as plt
+
+    seed_everything(seed)
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"{category.__name__}: {message}\n"
+    plt.rcParams.update({"figure.dpi": 90, "axes.grid": False, "image.cmap": "gray"})
+
+
 def seed_everything(seed: int = SEED) -> None:
     """Seed Python, NumPy and torch (CPU and GPU) so that runs repeat.
 
@@ -393,6 +402,22 @@ def build_pairs_table(data_dir: str | os.PathLike | None = None, read_sizes: boo
 def labeled_only(table: pd.DataFrame) -> pd.DataFrame:
     """The rows that have a mask, sorted by name (unlabeled images never enter metrics)."""
     return table[table["labeled"]].sort_values("name").reset_index(drop=True)
+
+
+def lung_areas(mask: np.ndarray) -> dict[str, float]:
+    """Connected components of a lung mask and the area of each lung in pixels.
+
+    Radiological convention: the patient's right lung is on the image's left.
+    Each component is assigned to a side by its centroid.
+    """
+    count, _, stats, centroids = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    areas, xs = stats[1:, cv2.CC_STAT_AREA], centroids[1:, 0]
+    on_image_left = xs < mask.shape[1] / 2
+    return dict(
+        components=count - 1,
+        right_lung_area=float(areas[on_image_left].sum()),
+        left_lung_area=float(areas[~on_image_left].sum()),
+    )
 
 
 # --------------------------------------------------------------------------
@@ -844,11 +869,16 @@ class DiceBCELoss(nn.Module):
 # --------------------------------------------------------------------------
 
 
+def _confusion_counts(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor):
+    """Per-image true/false positive/negative pixel counts of binary masks ``(N, H, W)`` (smp.metrics)."""
+    pred_t = torch.as_tensor(np.ascontiguousarray(np.asarray(pred))).long().unsqueeze(1)
+    target_t = torch.as_tensor(np.ascontiguousarray(np.asarray(target))).long().unsqueeze(1)
+    return smp.metrics.get_stats(pred_t, target_t, mode="binary")
+
+
 def dice_iou_per_image(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Per-image Dice and IoU of binary masks ``(N, H, W)``, via ``smp.metrics`` (empty vs empty = 1)."""
-    pred_t = torch.as_tensor(np.asarray(pred)).long().unsqueeze(1)
-    target_t = torch.as_tensor(np.asarray(target)).long().unsqueeze(1)
-    tp, fp, fn, tn = smp.metrics.get_stats(pred_t, target_t, mode="binary")
+    tp, fp, fn, tn = _confusion_counts(pred, target)
     dice = smp.metrics.f1_score(tp, fp, fn, tn, reduction="none", zero_division=1.0)
     iou = smp.metrics.iou_score(tp, fp, fn, tn, reduction="none", zero_division=1.0)
     return dice.flatten().numpy(), iou.flatten().numpy()
@@ -856,9 +886,7 @@ def dice_iou_per_image(pred: np.ndarray | torch.Tensor, target: np.ndarray | tor
 
 def dataset_dice(pred: np.ndarray, target: np.ndarray) -> float:
     """Dataset-wide ("micro") Dice: all pixels of all images pooled, so big lungs weigh more."""
-    pred_t = torch.as_tensor(np.asarray(pred)).long().unsqueeze(1)
-    target_t = torch.as_tensor(np.asarray(target)).long().unsqueeze(1)
-    tp, fp, fn, tn = smp.metrics.get_stats(pred_t, target_t, mode="binary")
+    tp, fp, fn, tn = _confusion_counts(pred, target)
     return float(smp.metrics.f1_score(tp, fp, fn, tn, reduction="micro"))
 
 
@@ -943,14 +971,16 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps
     return None
 
 
-def _run_epoch(model, loader, loss_fn, device, amp_dtype, optimizer=None, scheduler=None, scaler=None, desc="") -> float:
-    """One pass over ``loader`` (training when an optimizer is given); returns the mean loss.
+def _run_epoch(model, loader, loss_fn, device, amp_dtype, optimizer=None, scheduler=None, scaler=None, desc="") -> tuple[float, float]:
+    """One pass over ``loader`` (training when an optimizer is given).
 
+    Returns the mean loss and the mean per-image Dice of the thresholded outputs
+    (computed without gradients, so validation needs no second pass).
     ``scaler`` (a GradScaler) is needed only for fp16 on a GPU; bf16 needs none.
     """
     training = optimizer is not None
     model.train(training)
-    total, count = 0.0, 0
+    total, count, dice_sum = 0.0, 0, 0.0
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     with torch.set_grad_enabled(training), tqdm(loader, desc=desc, leave=False) as bar:
         for images, masks in bar:
@@ -972,8 +1002,10 @@ def _run_epoch(model, loader, loss_fn, device, amp_dtype, optimizer=None, schedu
                     scheduler.step()
             total += loss.item() * len(images)
             count += len(images)
+            with torch.no_grad():
+                dice_sum += float(dice_iou_per_image((logits > 0).cpu().numpy()[:, 0], masks.cpu().numpy()[:, 0])[0].sum())
             bar.set_postfix(loss=f"{total / count:.4f}")
-    return total / max(count, 1)
+    return total / max(count, 1), dice_sum / max(count, 1)
 
 
 def save_checkpoint(path: Path, model: nn.Module, config: TrainConfig, **extra) -> None:
@@ -1005,7 +1037,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
             f"{path}: weights do not fit a U-Net with encoder {config['encoder']!r} "
             f"(checkpoint of another architecture?): {str(error).splitlines()[0]}"
         ) from error
-    model.lungseg_config = config
+    model.lungseg_config = {**config, "weights_loaded": payload.get("weights_loaded", "unknown"), "epoch": payload.get("epoch")}
     return model.to(device).eval()
 
 
@@ -1100,15 +1132,13 @@ def train(
         seed_everything(config.seed + epoch)
         train_loader.dataset.transform.set_random_seed(config.seed + epoch)
         epoch_start = time.perf_counter()
-        train_loss = _run_epoch(model, train_loader, loss_fn, device, amp_dtype, optimizer, scheduler, scaler, f"epoch {epoch} train")
+        train_loss, _ = _run_epoch(model, train_loader, loss_fn, device, amp_dtype, optimizer, scheduler, scaler, f"epoch {epoch} train")
         train_seconds = time.perf_counter() - epoch_start
-        val_loss = _run_epoch(model, val_loader, loss_fn, device, amp_dtype, desc=f"epoch {epoch} val")
-        probs = predict_arrays(model, val_arrays[0], device=device, batch_size=config.batch_size * 2)
-        val_dice = float(dice_iou_per_image(probs > 0.5, val_arrays[1])[0].mean())
+        val_loss, val_dice = _run_epoch(model, val_loader, loss_fn, device, amp_dtype, desc=f"epoch {epoch} val")
         improved = val_loss < best_val_loss
         if improved:
             best_val_loss, best_epoch, stale = val_loss, epoch, 0
-            save_checkpoint(best_path, model, config, epoch=epoch, val_loss=val_loss)
+            save_checkpoint(best_path, model, config, epoch=epoch, val_loss=val_loss, weights_loaded=str(model.lungseg_config["weights"]))
         else:
             stale += 1
         record = dict(
@@ -1149,6 +1179,43 @@ def train_config_for_mode(quick: bool | None = None, **overrides) -> TrainConfig
     values = dict(image_size=run.image_size, epochs=run.epochs, batch_size=run.batch_size, patience=run.patience)
     values.update(overrides)
     return TrainConfig(**values)
+
+
+CHAPTER_RUN_DIR = REPO_DIR / "runs" / "dicebce-256px"
+
+
+def find_checkpoint(path: str | os.PathLike | None = None) -> Path | None:
+    """The trained model the later chapters use: ``path``, else ``$LUNGSEG_CHECKPOINT``,
+    else ``runs/dicebce-256px/best.pt`` (written by chapter 03); None when there is none."""
+    candidate = Path(path or os.environ.get("LUNGSEG_CHECKPOINT") or CHAPTER_RUN_DIR / "best.pt")
+    return candidate if candidate.is_file() else None
+
+
+def load_or_train_quick_model(
+    data_dir: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None
+) -> tuple[nn.Module, str]:
+    """Load chapter 03's checkpoint; if there is none, say so and train the quick-mode model.
+
+    Returns the model and one line describing where it comes from, so that a
+    chapter runs on its own in a fresh kernel even before chapter 03 has run.
+    """
+    found = find_checkpoint(checkpoint)
+    if found is not None:
+        model = load_checkpoint(found, pick_device())
+        c = model.lungseg_config
+        initial = "random init" if c["weights_loaded"] in ("None", None) else c["weights_loaded"]
+        return model, (f"checkpoint {found.parent.name}/{found.name}: {c['encoder']} U-Net, {c['image_size']}px, "
+                       f"Adam lr {c['lr']} ({c['schedule']}), best epoch {c['epoch']} of up to {c['epochs']}, "
+                       f"initial encoder weights: {initial}")
+    print("No trained checkpoint found (run chapter 03, or set LUNGSEG_CHECKPOINT). Training the quick-mode model now ...")
+    run = RunConfig.for_mode(quick=True)
+    split = quick_subset(three_way_split(build_pairs_table(data_dir)), run.max_images)
+    config = train_config_for_mode(quick=True, weights=None, lr=1e-3, schedule="onecycle")
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="lungseg-quick-"))
+    result = train(load_arrays(split["train"], config.image_size), load_arrays(split["val"], config.image_size), folder / "run", config)
+    return result.model, f"quick-mode model trained just now ({len(split['train'])} images, {config.image_size}px, {config.epochs} epochs): for trying the code, not for its scores"
 
 
 def unique_run_dir(base: str | os.PathLike = REPO_DIR / "runs", prefix: str = "run") -> Path:
@@ -1252,6 +1319,85 @@ def error_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, alpha:
     for region, color in ((pred & truth, (0, 180, 0)), (pred & ~truth, (230, 30, 30)), (~pred & truth, (40, 90, 255))):
         rgb[region] = (1 - alpha) * rgb[region] + alpha * np.array(color, np.float32)
     return rgb.astype(np.uint8)
+
+
+def decode_upload(data: bytes, name: str) -> np.ndarray:
+    """Decode an uploaded file (PNG, JPEG, TIFF, or DICOM when pydicom is installed) to 8-bit gray."""
+    if name.lower().endswith((".dcm", ".dicom")):
+        try:
+            import pydicom
+        except ImportError:
+            raise LungsegDataError(f"{name}: reading DICOM needs pydicom (pip install pydicom).") from None
+        import io
+
+        try:
+            dataset = pydicom.dcmread(io.BytesIO(data))
+            pixels = dataset.pixel_array
+        except Exception as error:
+            raise LungsegDataError(f"{name}: not a readable DICOM image ({error}).") from error
+        gray = to_gray_uint8(np.asarray(pixels), name)
+        return 255 - gray if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1" else gray
+    raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if raw is None:
+        raise LungsegDataError(f"{name}: cannot be decoded as an image. Upload a chest X-ray as PNG, JPEG or DICOM.")
+    return to_gray_uint8(raw, name)
+
+
+def mask_png_bytes(mask: np.ndarray) -> bytes:
+    """A 0/1 mask encoded as an 8-bit PNG (0 = background, 255 = lung)."""
+    return cv2.imencode(".png", mask.astype(np.uint8) * 255)[1].tobytes()
+
+
+class SegmentationApp:
+    """An ipywidgets interface: upload an X-ray, see the lung mask, its area, and download it.
+
+    ``process(data, name)`` is the upload callback; it returns the result dict, or
+    None after writing a message into the widget when the file is bad.
+    """
+
+    def __init__(self, model: nn.Module, postprocess: bool = True):
+        import ipywidgets as widgets
+
+        self.model, self.postprocess = model, postprocess
+        self.upload = widgets.FileUpload(accept=".png,.jpg,.jpeg,.tif,.tiff,.dcm", multiple=False, description="X-ray")
+        self.message = widgets.HTML("Upload a chest X-ray (PNG, JPEG, 8 or 16 bit, or DICOM).")
+        self.picture = widgets.Output()
+        self.download = widgets.HTML()
+        self.upload.observe(self._on_upload, names="value")
+        self.widget = widgets.VBox([self.upload, self.message, self.picture, self.download])
+
+    def _on_upload(self, change: dict) -> None:
+        for item in change["new"]:
+            self.process(bytes(item["content"]), item["name"])
+
+    def process(self, data: bytes, name: str) -> dict | None:
+        """Segment one uploaded file and show the result; bad files give a message, not a traceback."""
+        import base64
+        import html
+
+        import matplotlib.pyplot as plt
+
+        self.picture.clear_output()
+        self.download.value = ""
+        try:
+            gray = decode_upload(data, name)
+            mask = predict(self.model, gray, postprocess=self.postprocess)
+        except LungsegDataError as error:
+            self.message.value = f"<span style='color:#b00020'>Could not segment this file: {html.escape(str(error))}</span>"
+            return None
+        area = int(mask.sum())
+        self.message.value = (f"<b>{html.escape(name)}</b>: {gray.shape[1]}x{gray.shape[0]} px, lung area "
+                              f"{area:,d} px = {area / mask.size:.1%} of the image")
+        encoded = base64.b64encode(mask_png_bytes(mask)).decode()
+        stem = html.escape(Path(name).stem)
+        self.download.value = f"<a download='{stem}_mask.png' href='data:image/png;base64,{encoded}'>Download the mask (PNG)</a>"
+        with self.picture:
+            fig, ax = plt.subplots(figsize=(5, 5))
+            ax.imshow(overlay(gray, mask))
+            ax.set_title(name)
+            ax.axis("off")
+            plt.show()
+        return dict(name=name, gray=gray, mask=mask, lung_pixels=area, lung_fraction=area / mask.size)
 
 
 # --------------------------------------------------------------------------

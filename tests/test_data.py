@@ -245,3 +245,12 @@ def test_quick_mode_config(monkeypatch):
     assert L.is_quick_mode() and L.RunConfig.for_mode().epochs <= 2
     monkeypatch.setenv("LUNGSEG_QUICK", "0")
     assert not L.is_quick_mode() and L.RunConfig.for_mode() == L.RunConfig(256, 20, None, 8, 5)
+
+
+def test_lung_areas_sides_follow_radiological_convention():
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:50, 5:25] = 1  # image left = patient's right lung, 800 px
+    mask[10:40, 40:60] = 1  # image right = patient's left lung, 600 px
+    mask[60:62, 60:62] = 1  # a speck on the image's right
+    areas = L.lung_areas(mask)
+    assert areas == {"components": 3, "right_lung_area": 800.0, "left_lung_area": 604.0}

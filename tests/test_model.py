@@ -205,7 +205,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
 
 
 def test_early_stopping_stops_after_patience(tmp_path, monkeypatch):
-    monkeypatch.setattr(L, "_run_epoch", lambda *args, **kwargs: 1.0)  # a loss that never improves
+    monkeypatch.setattr(L, "_run_epoch", lambda *args, **kwargs: (1.0, 0.5))  # a loss that never improves
     result = L.train(tiny_arrays(8), tiny_arrays(4, seed=1), tmp_path / "run", tiny_config(epochs=6, patience=2))
     assert result.history.epoch.tolist() == [1, 2, 3] and result.best_epoch == 1
 
