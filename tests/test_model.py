@@ -300,3 +300,19 @@ def test_cli_help_and_predict(small_checkpoint, real_data_dir, tmp_path):
     assert written.shape == L.read_xray(image).shape and set(np.unique(written)) <= {0, 255}
     again = subprocess.run(command, capture_output=True, text=True)
     assert again.returncode != 0 and "--force" in again.stderr
+
+
+def test_find_checkpoint_prefers_argument_then_environment(small_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.delenv("LUNGSEG_CHECKPOINT", raising=False)
+    monkeypatch.setattr(L, "CHAPTER_RUN_DIR", tmp_path / "nothing-here")
+    assert L.find_checkpoint() is None
+    monkeypatch.setenv("LUNGSEG_CHECKPOINT", str(small_checkpoint))
+    assert L.find_checkpoint() == small_checkpoint
+    assert L.find_checkpoint(tmp_path / "missing.pt") is None
+
+
+def test_loaded_checkpoint_describes_itself(small_checkpoint, monkeypatch):
+    monkeypatch.setenv("LUNGSEG_CHECKPOINT", str(small_checkpoint))
+    model, description = L.load_or_train_quick_model()
+    assert model.lungseg_config["weights_loaded"] == "None" and model.lungseg_config["epoch"] == 1
+    assert "initial encoder weights: random init" in description and "resnet18" in description
