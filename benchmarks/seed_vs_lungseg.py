@@ -16,8 +16,11 @@ the repository.
 """
 from __future__ import annotations
 
-import argparse
 import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import argparse  # noqa: E402
 import sys
 import tempfile
 import time
@@ -26,9 +29,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lungseg_utils as L  # noqa: E402
 
