@@ -28,6 +28,7 @@ import random
 import shutil
 import socket
 import sys
+import tempfile
 import time
 import urllib.request
 import warnings
@@ -1019,7 +1020,8 @@ def save_checkpoint(path: Path, model: nn.Module, config: TrainConfig, **extra) 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model stored in a checkpoint of :func:`train` (``weights_only=True``, no code runs).
 
-    The returned model carries ``lungseg_config`` (its TrainConfig as a dict).
+    The returned model carries ``lungseg_config`` (its TrainConfig as a dict) and
+    ``lungseg_checkpoint`` (the file it came from).
     A checkpoint of another architecture raises :class:`LungsegDataError` naming the file.
     """
     path = Path(path)
@@ -1038,6 +1040,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
             f"(checkpoint of another architecture?): {str(error).splitlines()[0]}"
         ) from error
     model.lungseg_config = {**config, "weights_loaded": payload.get("weights_loaded", "unknown"), "epoch": payload.get("epoch")}
+    model.lungseg_checkpoint = path
     return model.to(device).eval()
 
 
@@ -1211,8 +1214,6 @@ def load_or_train_quick_model(
     run = RunConfig.for_mode(quick=True)
     split = quick_subset(three_way_split(build_pairs_table(data_dir)), run.max_images)
     config = train_config_for_mode(quick=True, weights=None, lr=1e-3, schedule="onecycle")
-    import tempfile
-
     folder = Path(tempfile.mkdtemp(prefix="lungseg-quick-"))
     result = train(load_arrays(split["train"], config.image_size), load_arrays(split["val"], config.image_size), folder / "run", config)
     return result.model, f"quick-mode model trained just now ({len(split['train'])} images, {config.image_size}px, {config.epochs} epochs): for trying the code, not for its scores"

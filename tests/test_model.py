@@ -316,3 +316,7 @@ def test_loaded_checkpoint_describes_itself(small_checkpoint, monkeypatch):
     model, description = L.load_or_train_quick_model()
     assert model.lungseg_config["weights_loaded"] == "None" and model.lungseg_config["epoch"] == 1
     assert "initial encoder weights: random init" in description and "resnet18" in description
+
+
+def test_loaded_model_knows_its_checkpoint(small_checkpoint):
+    assert L.load_checkpoint(small_checkpoint).lungseg_checkpoint == small_checkpoint
