@@ -8,6 +8,24 @@ module is also a small command-line tool::
     python lungseg_utils.py train --out runs/x  # train a U-Net/ResNet34
     python lungseg_utils.py predict IMAGE... --checkpoint runs/x/best.pt --out masks/
 
+Sections, in order:
+
+1. Errors: ``LungsegError`` and its kinds; every message names the file and the fix.
+2. Run mode and reproducibility: quick mode, seeding, device and mixed precision.
+3. Data location and download: ``find_data_dir``, ``download_*``, ``safe_extract``.
+4. Pairing images with masks: ``build_pairs_table``.
+5. Splits: ``three_way_split``, ``seed_split``, ``quick_subset``.
+6. Decoding images and masks: ``decode_image`` (the one decoder), ``read_mask``.
+7. Cache: decode and resize once (``load_arrays``).
+8. Dataset and augmentation: ``train_transforms``, ``LungDataset``.
+9. Model: ``build_model`` with ImageNet, local or no weights.
+10. Loss: ``DiceBCELoss``.
+11. Metrics: Dice, IoU, HD95, the write-up's batch Dice.
+12. Training and checkpoints: ``train``, ``save_checkpoint``, ``load_checkpoint``.
+13. Inference and figures: ``predict``, overlays, the upload app.
+14. Evaluation: ``evaluate``, ``summarize_scores``.
+15. Command line.
+
 Conventions used throughout:
 
 * images are 8-bit grayscale ``uint8`` arrays of shape ``(H, W)``;
@@ -20,21 +38,29 @@ Conventions used throughout:
 from __future__ import annotations
 
 import argparse
+import atexit
+import concurrent.futures
 import contextlib
 import hashlib
+import io
 import math
 import os
+import pickle
+import platform
 import random
 import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
 import urllib.request
 import warnings
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -47,6 +73,7 @@ import pandas as pd  # noqa: E402
 import segmentation_models_pytorch as smp  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
 from scipy import ndimage  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 from torch import nn  # noqa: E402
@@ -56,14 +83,28 @@ from tqdm.auto import tqdm  # noqa: E402
 REPO_DIR = Path(__file__).resolve().parent
 DATASET_FOLDER = "Lung Segmentation"
 KAGGLE_DATASET = "nikhilpandey360/chest-xray-masks-and-labels"
-MONTGOMERY_URL = (
+# The NLM Montgomery County set, tried in this order (both addresses appear in public scripts).
+MONTGOMERY_URLS = (
     "https://data.lhncbc.nlm.nih.gov/public/Tuberculosis-Chest-X-ray-Datasets/"
-    "Montgomery-County-CXR-Set/MontgomerySet/MontgomerySet.zip"
+    "Montgomery-County-CXR-Set/MontgomerySet/MontgomerySet.zip",
+    "https://data.lhncbc.nlm.nih.gov/public/Tuberculosis-Chest-X-ray-Datasets/"
+    "Montgomery-County-CXR-Set/MontgomerySet.zip",
 )
+# Size and SHA-256 of MontgomerySet.zip: not recorded yet. NLM publishes no checksum that we
+# could find, and the machine that wrote this has no internet access. Until they are filled in,
+# the archive is checked by its content instead (138 X-rays, each with a left and a right mask);
+# `python lungseg_utils.py download --montgomery` prints both values for recording here.
+MONTGOMERY_ARCHIVE_SIZE: int | None = None
+MONTGOMERY_ARCHIVE_SHA256: str | None = None
+MONTGOMERY_IMAGES = 138
+MAX_ARCHIVE_BYTES = 4 * 2**30  # refuse archives that would unpack to more than 4 GiB (zip bombs)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SEED = 42
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+DEFAULT_MAX_MEGAPIXELS = 60.0  # a Montgomery original is 19.7 megapixels; override with LUNGSEG_MAX_MEGAPIXELS
+MIN_IMAGE_SIDE = 32
 
 DATA_HELP = (
     "Get the data in one of these ways:\n"
@@ -75,8 +116,21 @@ DATA_HELP = (
 )
 
 
-class LungsegDataError(ValueError):
-    """Bad or missing input data; the message names the file and the fix."""
+# --------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------
+
+
+class LungsegError(Exception):
+    """A problem the user can fix; the message names the file and what to do."""
+
+
+class LungsegDataError(LungsegError, ValueError):
+    """Bad or missing input data: images, masks, data folders, archives."""
+
+
+class LungsegCheckpointError(LungsegError, ValueError):
+    """A checkpoint that is missing, damaged, unsafe or of another model."""
 
 
 # --------------------------------------------------------------------------
@@ -126,6 +180,17 @@ def seed_everything(seed: int = SEED) -> None:
     torch.manual_seed(seed)
 
 
+def library_versions() -> dict[str, str]:
+    """Python and the versions of the libraries a run depends on (printed by chapters, stored in checkpoints)."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "segmentation_models_pytorch": smp.__version__,
+        "albumentations": A.__version__,
+        "numpy": np.__version__,
+    }
+
+
 def pick_device(preferred: str | None = None) -> torch.device:
     """Return ``preferred`` if given, else the best available of cuda, mps and cpu."""
     if preferred:
@@ -151,56 +216,134 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 # --------------------------------------------------------------------------
 
 
+def _dataset_candidates(root: Path) -> list[Path]:
+    """Folders under ``root`` (one level down) that hold a non-empty ``CXR_png/``; hidden ones are skipped."""
+    candidates = [root / DATASET_FOLDER, root / "MontgomerySet"]
+    candidates += sorted(p / DATASET_FOLDER for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found: dict[Path, Path] = {}
+    for candidate in candidates:
+        if _has_images(candidate):
+            found.setdefault(candidate.resolve(), candidate)
+    return list(found.values())
+
+
+def _has_images(folder: Path) -> bool:
+    """True when ``folder/CXR_png`` exists and holds at least one file."""
+    images = folder / "CXR_png"
+    return images.is_dir() and any(images.iterdir())
+
+
+_announced_choices: set[Path] = set()
+
+
 def find_data_dir(path: str | os.PathLike | None = None) -> Path:
     """Return the folder that holds ``CXR_png/`` (and ``masks/`` or ``ManualMask/``).
 
     ``path`` defaults to ``$LUNGSEG_DATA_DIR``, else ``data/`` in the repository.
     It may be the folder that holds ``Lung Segmentation/``, that folder itself,
-    or a folder holding the NLM ``MontgomerySet/`` layout. A missing or empty
-    folder raises :class:`LungsegDataError` explaining how to get the data.
+    or a folder holding the NLM ``MontgomerySet/`` layout. When it holds both the
+    Kaggle set and the NLM Montgomery set, the Kaggle set is used (it already
+    contains the 138 Montgomery images) and the choice is printed once; two
+    Kaggle-layout sets raise, naming both. A missing or empty folder raises
+    :class:`LungsegDataError` explaining how to get the data.
     """
     if path is None:
         path = os.environ.get("LUNGSEG_DATA_DIR") or REPO_DIR / "data"
     root = Path(path).expanduser()
     if not root.is_dir():
         raise LungsegDataError(f"Data folder not found: {root}\n{DATA_HELP}")
-    candidates = [root, root / DATASET_FOLDER, root / "MontgomerySet"]
-    candidates += sorted(p / DATASET_FOLDER for p in root.iterdir() if p.is_dir())
-    for candidate in candidates:
-        if (candidate / "CXR_png").is_dir() and any((candidate / "CXR_png").iterdir()):
-            return candidate
+    if _has_images(root):
+        return root
+    found = _dataset_candidates(root)
+    kaggle = [folder for folder in found if (folder / "masks").is_dir()]
+    others = [folder for folder in found if folder not in kaggle]
+    if len(kaggle) > 1:
+        raise LungsegDataError(
+            f"{root} holds two Kaggle-layout data sets: {kaggle[0]} and {kaggle[1]}. Keep one, or set "
+            "LUNGSEG_DATA_DIR to the one you want."
+        )
+    if kaggle:
+        chosen = kaggle[0]
+        if others and chosen not in _announced_choices:
+            _announced_choices.add(chosen)
+            print(f"Data: using the Kaggle set {chosen} (it includes the Montgomery images); "
+                  f"not using {', '.join(str(o) for o in others)}. Set LUNGSEG_DATA_DIR to choose another.")
+        return chosen
+    if others:
+        return others[0]
     raise LungsegDataError(
         f"No chest X-rays found in {root}: expected a 'CXR_png/' folder with images in it "
         f"or in '{DATASET_FOLDER}/' below it.\n{DATA_HELP}"
     )
 
 
-def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> list[Path]:
-    """Extract a zip archive inside ``target`` only; refuse absolute paths, ``..`` and links.
+def _check_archive_members(archive: Path, members: list[zipfile.ZipInfo], target: Path, max_bytes: int) -> None:
+    """Refuse absolute paths, ``..``, links and archives that would unpack to more than ``max_bytes``.
 
-    Every member is checked before anything is written, so a hostile archive
-    leaves no file behind. Returns the extracted paths.
+    The declared sizes bound what is written: :mod:`zipfile` stops at a member's
+    declared size and fails its CRC check if the data goes on.
     """
-    target = Path(target).resolve()
-    with zipfile.ZipFile(archive) as zf:
-        members = zf.infolist()
-        for member in members:
-            name = member.filename
-            is_link = (member.external_attr >> 16) & 0o170000 == 0o120000
-            destination = (target / name).resolve()
-            if (
-                name.startswith(("/", "\\"))
-                or ":" in name.split("/")[0]
-                or ".." in Path(name.replace("\\", "/")).parts
-                or is_link
-                or not destination.is_relative_to(target)
-            ):
-                raise LungsegDataError(
-                    f"Refusing to extract {archive}: member {name!r} would land outside "
-                    f"{target} or is a link. Download the archive again from its official source."
-                )
-        target.mkdir(parents=True, exist_ok=True)
-        zf.extractall(target, members)
+    for member in members:
+        name = member.filename
+        is_link = (member.external_attr >> 16) & 0o170000 == 0o120000
+        destination = (target / name).resolve()
+        if (
+            name.startswith(("/", "\\"))
+            or ":" in name.split("/")[0]
+            or ".." in Path(name.replace("\\", "/")).parts
+            or is_link
+            or not destination.is_relative_to(target)
+        ):
+            raise LungsegDataError(
+                f"Refusing to extract {archive}: member {name!r} would land outside "
+                f"{target} or is a link. Download the archive again from its official source."
+            )
+    total = sum(member.file_size for member in members)
+    if total > max_bytes:
+        raise LungsegDataError(
+            f"Refusing to extract {archive}: it would unpack to {total / 2**30:.1f} GiB, over the cap of "
+            f"{max_bytes / 2**30:.1f} GiB (a zip bomb or the wrong file). Download it again from its official source."
+        )
+
+
+def safe_extract(archive: str | os.PathLike, target: str | os.PathLike, max_bytes: int = MAX_ARCHIVE_BYTES) -> list[Path]:
+    """Extract a zip archive inside ``target`` only, all or nothing.
+
+    Every member is checked first (no absolute paths, ``..`` or links; at most
+    ``max_bytes`` in total). The archive is unpacked into a hidden temporary
+    folder inside ``target`` and each top-level entry is renamed into place only
+    when everything is written, so an interrupted extraction never looks
+    complete; leftovers of a killed run are removed by the next call. An entry
+    that already exists in ``target`` is never overwritten. Returns the files.
+    """
+    archive, target = Path(archive), Path(target).resolve()
+    target.mkdir(parents=True, exist_ok=True)
+    for stale in target.glob(".extracting-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise LungsegDataError(f"{archive}: not a readable zip archive ({error}). Download it again.") from error
+    staging = Path(tempfile.mkdtemp(prefix=".extracting-", dir=target))
+    try:
+        with zf:
+            members = zf.infolist()
+            _check_archive_members(archive, members, staging.resolve(), max_bytes)
+            try:
+                zf.extractall(staging, members)
+            except (zipfile.BadZipFile, EOFError, zlib.error) as error:
+                raise LungsegDataError(f"{archive}: the archive is damaged ({error}). Download it again.") from error
+        tops = sorted({Path(m.filename).parts[0] for m in members})
+        clashes = [name for name in tops if (target / name).exists()]
+        if clashes:
+            raise LungsegDataError(
+                f"Not extracting {archive}: {target / clashes[0]} already exists and is never overwritten. "
+                "Move it away first if you want a fresh copy."
+            )
+        for name in tops:
+            os.replace(staging / name, target / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return [target / m.filename for m in members if not m.is_dir()]
 
 
@@ -214,56 +357,106 @@ def download_file(
     """Download ``url`` to ``destination`` (skipped when already there and valid).
 
     The file is written to ``<destination>.part`` and renamed only when complete
-    and, where known, of the expected size and SHA-256.
+    and, where known, of the expected size and SHA-256. A file that fails the
+    check is deleted, so the next call downloads it again.
     """
     destination = Path(destination)
-    if destination.is_file() and _file_matches(destination, expected_size, sha256):
-        return destination
+    if destination.is_file():
+        if _file_matches(destination, expected_size, sha256):
+            return destination
+        destination.unlink()
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(destination.name + ".part")
-    with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=destination.name) as bar:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                bar.update(len(chunk))
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=destination.name) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     if not _file_matches(partial, expected_size, sha256):
+        actual = partial.stat().st_size
         partial.unlink()
         raise LungsegDataError(
-            f"Download of {url} is incomplete or corrupt (size or checksum differs). Try again."
+            f"Download of {url} is incomplete or corrupt ({actual:,d} bytes; expected "
+            f"{'%s bytes' % format(expected_size, ',d') if expected_size is not None else 'any size'}"
+            f"{' and a known SHA-256' if sha256 else ''}). The file was deleted; run the download again."
         )
     os.replace(partial, destination)
     return destination
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _file_matches(path: Path, expected_size: int | None, sha256: str | None) -> bool:
     """True when ``path`` has the expected size and SHA-256 (each checked only when given)."""
     if expected_size is not None and path.stat().st_size != expected_size:
         return False
-    if sha256 is not None:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest() == sha256.lower()
-    return True
+    return sha256 is None or sha256_of(path) == sha256.lower()
+
+
+def _check_montgomery_set(set_dir: Path, expected_images: int | None) -> None:
+    """Raise unless ``set_dir`` holds X-rays, each with a left and a right mask (and, if given, that many)."""
+    images = sorted(p.name for p in (set_dir / "CXR_png").glob("*.png")) if (set_dir / "CXR_png").is_dir() else []
+    masks = [set_dir / "ManualMask" / side / name for name in images for side in ("leftMask", "rightMask")]
+    missing = [m for m in masks if not m.is_file()]
+    if not images or missing or (expected_images is not None and len(images) != expected_images):
+        raise LungsegDataError(
+            f"{set_dir}: the archive does not hold the Montgomery set as published ({len(images)} X-rays"
+            f"{f', expected {expected_images}' if expected_images else ''}; {len(missing)} masks missing)."
+        )
 
 
 def download_montgomery(
-    target: str | os.PathLike | None = None, url: str = MONTGOMERY_URL, **download_kwargs
+    target: str | os.PathLike | None = None,
+    urls: Sequence[str] = MONTGOMERY_URLS,
+    expected_size: int | None = MONTGOMERY_ARCHIVE_SIZE,
+    sha256: str | None = MONTGOMERY_ARCHIVE_SHA256,
+    expected_images: int | None = MONTGOMERY_IMAGES,
+    timeout: float = 30.0,
 ) -> Path:
-    """Download and unpack the NLM Montgomery County set (public, no credentials).
+    """Download, check and unpack the NLM Montgomery County set (public, no credentials).
 
     Returns the ``MontgomerySet`` folder; nothing is downloaded when it is present.
-    Its masks come as ``ManualMask/leftMask`` and ``rightMask``; :func:`build_pairs_table`
-    combines them.
+    The archive is checked against ``expected_size`` and ``sha256`` where recorded
+    and always by its content; an archive that fails a check is deleted (the next
+    call downloads it again) and the message says so. Its masks come as
+    ``ManualMask/leftMask`` and ``rightMask``; :func:`build_pairs_table` combines them.
     """
     target = Path(target or REPO_DIR / "data")
     set_dir = target / "MontgomerySet"
-    if (set_dir / "CXR_png").is_dir() and any((set_dir / "CXR_png").iterdir()):
+    if _has_images(set_dir):
         return set_dir
-    archive = download_file(url, target / "MontgomerySet.zip", **download_kwargs)
-    safe_extract(archive, target)
+    if set_dir.exists():
+        raise LungsegDataError(f"{set_dir} exists but holds no X-rays in CXR_png/. Move it away, then download again.")
+    archive, failures = None, []
+    for url in urls:
+        try:
+            archive = download_file(url, target / "MontgomerySet.zip", expected_size, sha256, timeout)
+            break
+        except (urllib.error.URLError, OSError) as error:
+            failures.append(f"{url}: {error}")
+    if archive is None:
+        raise LungsegDataError("Could not download the Montgomery set:\n  " + "\n  ".join(failures))
+    print(f"{archive.name}: {archive.stat().st_size:,d} bytes, SHA-256 {sha256_of(archive)}")
+    try:
+        safe_extract(archive, target)
+        _check_montgomery_set(set_dir, expected_images)
+    except LungsegDataError as error:
+        archive.unlink(missing_ok=True)
+        if set_dir.exists():  # written just now by safe_extract, and incomplete
+            shutil.rmtree(set_dir)
+        raise LungsegDataError(f"{error}\nThe archive was deleted; run the download again.") from error
     archive.unlink()
     return set_dir
 
@@ -278,9 +471,12 @@ def download_kaggle(target: str | os.PathLike | None = None) -> Path:
     target = Path(target or REPO_DIR / "data")
     with contextlib.suppress(LungsegDataError):
         return find_data_dir(target)
-    import kagglehub
+    try:
+        import kagglehub
 
-    downloaded = Path(kagglehub.dataset_download(KAGGLE_DATASET))
+        downloaded = Path(kagglehub.dataset_download(KAGGLE_DATASET))
+    except Exception as error:  # no internet, no credentials, no kagglehub, ...
+        raise LungsegDataError(f"Download from Kaggle failed ({type(error).__name__}: {error}).\n{DATA_HELP}") from error
     link = target / "chest-xray-masks-and-labels"
     target.mkdir(parents=True, exist_ok=True)
     if not link.exists():
@@ -326,17 +522,9 @@ def tb_label_of(name: str) -> int | None:
 
 
 def image_size_of(path: str | os.PathLike) -> tuple[int, int]:
-    """(height, width) of an image, read from its header only (fast)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-    except Exception as error:
-        raise LungsegDataError(
-            f"{path}: cannot be read as an image ({error}). Replace it with a valid PNG "
-            "(download the data again) or delete it."
-        ) from error
+    """(height, width) of an image, read from its header only (fast), with :func:`decode_image`'s checks."""
+    with _open_raster(path, str(path)) as im:
+        width, height = im.size
     return height, width
 
 
@@ -456,39 +644,209 @@ def three_way_split(
 
 
 def quick_subset(split: dict[str, pd.DataFrame], max_images: int | None) -> dict[str, pd.DataFrame]:
-    """Keep about ``max_images`` in total (60/20/20), spread over sources; all when None."""
+    """Keep about ``max_images`` in total (60/20/20), spread over hospitals and TB labels; all when None.
+
+    Each part keeps at least one image of every (hospital, TB label) group it
+    has, so that quick runs see both hospitals and both normal and TB films.
+    """
     if max_images is None:
         return split
     shares = {"train": 0.6, "val": 0.2, "test": 0.2}
     out = {}
     for part, frame in split.items():
         n = max(4, int(max_images * shares.get(part, 0.2)))
-        per_source = [
-            group.head(max(1, round(n * len(group) / len(frame)))) for _, group in frame.groupby("source")
+        per_group = [
+            group.head(max(1, round(n * len(group) / len(frame))))
+            for _, group in frame.groupby(["source", "tb_label"], dropna=False)
         ]
-        out[part] = pd.concat(per_source).sort_values("name").reset_index(drop=True)
+        out[part] = pd.concat(per_group).sort_values("name").reset_index(drop=True)
     return out
 
 
 def assert_disjoint(split: dict[str, pd.DataFrame]) -> None:
-    """Raise AssertionError if any image appears in two parts of ``split``."""
+    """Raise :class:`LungsegDataError` if any image appears in two parts of ``split``."""
     parts = list(split.items())
     for i, (name_a, a) in enumerate(parts):
         for name_b, b in parts[i + 1 :]:
             shared = set(a["image_path"]) & set(b["image_path"])
-            assert not shared, f"{len(shared)} images are in both {name_a} and {name_b}, e.g. {sorted(shared)[0]}"
+            if shared:
+                raise LungsegDataError(
+                    f"{len(shared)} images are in both {name_a} and {name_b}, e.g. {sorted(shared)[0]}: "
+                    "a split must not share images between its parts."
+                )
 
 
 # --------------------------------------------------------------------------
-# Reading images and masks
+# Decoding images and masks
 # --------------------------------------------------------------------------
+
+_PIL_OPEN_LOCK = threading.Lock()
+
+
+def max_image_pixels() -> int:
+    """The largest image accepted, in pixels: ``$LUNGSEG_MAX_MEGAPIXELS`` million (default 60)."""
+    megapixels = os.environ.get("LUNGSEG_MAX_MEGAPIXELS")
+    try:
+        return int(float(megapixels) * 1e6) if megapixels else int(DEFAULT_MAX_MEGAPIXELS * 1e6)
+    except ValueError:
+        raise LungsegDataError(f"LUNGSEG_MAX_MEGAPIXELS={megapixels!r} is not a number; use e.g. 60.") from None
+
+
+def check_image_size(width: int, height: int, name: str, max_pixels: int | None = None) -> None:
+    """Refuse images over ``max_pixels`` (default :func:`max_image_pixels`) or under 32 px per side."""
+    max_pixels = max_pixels or max_image_pixels()
+    if width * height > max_pixels:
+        raise LungsegDataError(
+            f"{name}: {width}x{height} px ({width * height / 1e6:.1f} megapixels) is over the limit of "
+            f"{max_pixels / 1e6:g} megapixels. Downscale the image, or raise the limit with the environment "
+            "variable LUNGSEG_MAX_MEGAPIXELS if it really is an X-ray that large."
+        )
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise LungsegDataError(
+            f"{name}: {width}x{height} px is too small: each side needs at least {MIN_IMAGE_SIDE} px "
+            "(a chest X-ray has hundreds to thousands). Use the full-size image."
+        )
+
+
+def _describe_source(source: str | os.PathLike | bytes, name: str | None) -> str:
+    """The name used in messages: ``name``, else the path, else 'uploaded data'."""
+    if name:
+        return name
+    return str(source) if isinstance(source, (str, os.PathLike)) else "uploaded data"
+
+
+def _check_file(source: str | os.PathLike | bytes, name: str) -> None:
+    """Clear messages for a missing path, a folder and an empty file or upload."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise LungsegDataError(f"{name}: the upload is empty (0 bytes). Choose the X-ray file again.")
+        return
+    path = Path(source)
+    if not path.exists():
+        raise LungsegDataError(f"{name}: not found. Check the path (it is relative to {Path.cwd().name}/ "
+                               "unless it starts with /).")
+    if path.is_dir():
+        raise LungsegDataError(f"{name}: is a folder, not an image file. Give the image files inside it.")
+    if path.stat().st_size == 0:
+        raise LungsegDataError(f"{name}: the file is empty (0 bytes). Copy or download it again.")
+
+
+def _looks_like_dicom(source: str | os.PathLike | bytes, name: str) -> bool:
+    """True for a ``.dcm``/``.dicom`` name or the DICOM preamble (``DICM`` at byte 128)."""
+    if name.lower().endswith(DICOM_SUFFIXES):
+        return True
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source[128:132]) == b"DICM"
+    with open(source, "rb") as f:
+        f.seek(128)
+        return f.read(4) == b"DICM"
+
+
+def _open_raster(source: str | os.PathLike | bytes, name: str, max_pixels: int | None = None) -> Image.Image:
+    """Open a PNG/JPEG/TIFF/BMP lazily (header only) and check its size before anything is decoded.
+
+    Pillow's own decompression-bomb check is replaced by :func:`check_image_size`
+    (stricter by default, and it names the file); the lock keeps that swap private.
+    """
+    _check_file(source, name)
+    fileobj = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    with _PIL_OPEN_LOCK:
+        pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            im = Image.open(fileobj)
+        except UnidentifiedImageError:
+            raise LungsegDataError(
+                f"{name}: cannot be read as an image: it is not PNG, JPEG, TIFF, BMP or DICOM, or it is corrupt. "
+                "Replace it with a valid file (for the data set: download it again)."
+            ) from None
+        except (OSError, SyntaxError, ValueError) as error:
+            raise LungsegDataError(f"{name}: corrupt image header ({error}). Copy or download the file again.") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = pil_limit
+    try:
+        check_image_size(*im.size, name, max_pixels)
+    except LungsegDataError:
+        im.close()
+        raise
+    return im
+
+
+def _raster_pixels(im: Image.Image, name: str, keep_channels: bool = False) -> np.ndarray:
+    """Decode an opened image to an array in its own bit depth (first frame of a multi-page TIFF).
+
+    Colour images become gray with ITU-R 601 luminance weights, unless
+    ``keep_channels`` (masks are checked channel by channel).
+    """
+    try:
+        im.seek(0)
+        im.load()
+        if not keep_channels and im.getexif().get(0x0112, 1) != 1:  # a photo's orientation tag
+            im = ImageOps.exif_transpose(im)
+    except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as error:
+        raise LungsegDataError(
+            f"{name}: the image data is corrupt or truncated ({error}). Copy or download the file again."
+        ) from None
+    mode = im.mode
+    if mode in ("1", "L", "I", "F") or mode.startswith("I;16"):
+        return np.asarray(im)
+    if mode == "LA":
+        return np.asarray(im.getchannel("L"))
+    if keep_channels:
+        has_alpha = "A" in mode or "transparency" in im.info
+        return np.asarray(im.convert("RGBA" if has_alpha else "RGB"))
+    return np.asarray(im.convert("L"))
+
+
+def _decode_dicom(source: str | os.PathLike | bytes, name: str, max_pixels: int | None) -> np.ndarray:
+    """Decode a DICOM image: modality LUT, VOI LUT or window, MONOCHROME1 inverted, 8-bit gray."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:
+        raise LungsegDataError(f"{name}: reading DICOM needs pydicom 3 (pip install 'pydicom>=3').") from None
+    fileobj = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    try:
+        dataset = pydicom.dcmread(fileobj)
+        rows, columns = int(dataset.Rows), int(dataset.Columns)
+    except Exception as error:
+        raise LungsegDataError(f"{name}: not a readable DICOM image ({type(error).__name__}: {error}).") from None
+    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+    check_image_size(columns, rows * frames, name, max_pixels)
+    try:
+        pixels = dataset.pixel_array
+    except Exception as error:
+        raise LungsegDataError(
+            f"{name}: the DICOM pixel data cannot be decoded ({type(error).__name__}: {error}). "
+            "Compressed DICOM may need pylibjpeg or gdcm; or export the image as PNG."
+        ) from None
+    if frames > 1:
+        pixels = pixels[0]
+    if pixels.ndim == 3:  # colour DICOM (rare for X-rays)
+        return cv2.cvtColor(to_uint8_range(pixels), cv2.COLOR_RGB2GRAY)
+    values = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset).astype(np.float32)
+    gray = to_uint8_range(values)
+    return 255 - gray if str(getattr(dataset, "PhotometricInterpretation", "")) == "MONOCHROME1" else gray
+
+
+def to_uint8_range(values: np.ndarray) -> np.ndarray:
+    """Rescale any numeric array to 0..255 by its own minimum and maximum (in float32), as ``uint8``."""
+    if values.dtype == np.uint8:
+        return values
+    values = values.astype(np.float32)
+    finite = np.isfinite(values)
+    if not finite.all():
+        values = np.where(finite, values, np.nanmin(np.where(finite, values, np.nan)) if finite.any() else 0)
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, np.uint8)
+    return np.round((values - low) * np.float32(255 / (high - low))).astype(np.uint8)
 
 
 def to_gray_uint8(array: np.ndarray, source: str = "image") -> np.ndarray:
-    """Convert an image array (8/16-bit, gray, RGB or RGBA, as OpenCV reads it) to 8-bit gray.
+    """Convert an image array (8/16-bit, float, bool, gray, RGB or RGBA) to 8-bit gray.
 
-    16-bit images are rescaled by their own minimum and maximum; colour images
-    are converted with OpenCV's luminance weights (alpha is dropped).
+    Images that are not 8-bit are rescaled by their own minimum and maximum;
+    colour arrays are taken as OpenCV's BGR order (alpha is dropped).
     """
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
@@ -497,43 +855,49 @@ def to_gray_uint8(array: np.ndarray, source: str = "image") -> np.ndarray:
             array = array[:, :, :3]
         if array.shape[2] != 3:
             raise LungsegDataError(f"{source}: {array.shape[2]} channels is not an image; use a gray or RGB X-ray.")
-        array = cv2.cvtColor(np.ascontiguousarray(array), cv2.COLOR_BGR2GRAY)
+        array = cv2.cvtColor(np.ascontiguousarray(to_uint8_range(array)), cv2.COLOR_BGR2GRAY)
     if array.ndim != 2:
         raise LungsegDataError(f"{source}: shape {array.shape} is not a 2-D image.")
-    if array.dtype == np.uint8:
-        return array
     if array.dtype == bool:
         return array.astype(np.uint8) * 255
-    values = array.astype(np.float64)
-    low, high = float(values.min()), float(values.max())
-    scaled = (values - low) / (high - low) * 255 if high > low else np.zeros_like(values)
-    return np.round(scaled).astype(np.uint8)
+    return to_uint8_range(array)
 
 
-def read_xray(path: str | os.PathLike) -> np.ndarray:
-    """Read an X-ray file of any size, 8 or 16 bit, gray or RGB(A), as 8-bit grayscale."""
-    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if raw is None:
-        raise LungsegDataError(
-            f"{path}: cannot be decoded (missing, corrupt or not an image). "
-            "Replace it with a valid PNG or JPEG, e.g. by downloading the data again."
-        )
-    return to_gray_uint8(raw, source=str(path))
+def decode_image(
+    source: str | os.PathLike | bytes, name: str | None = None, max_pixels: int | None = None
+) -> np.ndarray:
+    """Decode an X-ray to 8-bit gray ``(H, W)``: the one decoder of the project.
+
+    ``source`` is a path or the bytes of an upload (``name`` is then used in
+    messages and to recognise DICOM). PNG, JPEG, TIFF and BMP are read with
+    Pillow, 8 or 16 bit, gray, RGB or RGBA, JPEG orientation applied; DICOM with
+    pydicom, its VOI LUT or window applied and MONOCHROME1 inverted. The size is
+    checked from the header before decoding (see :func:`check_image_size`).
+    Every problem raises :class:`LungsegDataError` naming the file.
+    """
+    name = _describe_source(source, name)
+    _check_file(source, name)
+    if _looks_like_dicom(source, name):
+        return _decode_dicom(source, name, max_pixels)
+    with _open_raster(source, name, max_pixels) as im:
+        pixels = _raster_pixels(im, name)
+    return to_gray_uint8(pixels, name)
 
 
 def read_mask(paths: Sequence[str | os.PathLike]) -> np.ndarray:
     """Read a lung mask as a 0/1 ``uint8`` array; two paths (left, right lung) are combined.
 
-    A mask must be an 8-bit single-channel image (or RGB with equal channels);
-    16-bit, RGBA or coloured masks raise :class:`LungsegDataError` naming the file.
+    A mask must be an 8-bit or 1-bit single-channel image (or RGB with equal
+    channels); 16-bit, RGBA or coloured masks raise :class:`LungsegDataError` naming the file.
     """
     if not paths:
         raise LungsegDataError("No mask given: this image is unlabeled; use it for inference only.")
     combined = None
     for path in paths:
-        raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if raw is None:
-            raise LungsegDataError(f"{path}: mask cannot be decoded (corrupt or not an image). Download the data again.")
+        with _open_raster(path, str(path)) as im:
+            raw = _raster_pixels(im, str(path), keep_channels=True)
+        if raw.dtype == bool:
+            raw = raw.astype(np.uint8)
         if raw.dtype != np.uint8:
             raise LungsegDataError(
                 f"{path}: mask is {raw.dtype.name}, expected 8-bit (0 = background, 255 = lung). "
@@ -555,7 +919,7 @@ def read_mask(paths: Sequence[str | os.PathLike]) -> np.ndarray:
 
 def read_pair(image_path: str | os.PathLike, mask_paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndarray]:
     """Read an X-ray and its mask at full size; a size mismatch raises naming both files."""
-    image = read_xray(image_path)
+    image = decode_image(image_path)
     mask = read_mask(mask_paths)
     if image.shape != mask.shape:
         raise LungsegDataError(
@@ -623,7 +987,7 @@ def cached_sample(
             image, mask = read_pair(image_path, mask_paths)
             stacked = np.stack([resize_image(image, size), resize_mask(mask, size)])
         else:
-            stacked = resize_image(read_xray(image_path), size)[None]
+            stacked = resize_image(decode_image(image_path), size)[None]
         folder.mkdir(parents=True, exist_ok=True)
         temporary = cache_file.with_name(f"{cache_file.stem}.{os.getpid()}.tmp.npy")
         np.save(temporary, stacked)
@@ -715,11 +1079,24 @@ class LungDataset(Dataset):
         return image_to_tensor(image), torch.from_numpy(np.ascontiguousarray(mask)).float().unsqueeze(0)
 
 
-def check_arrays(images: np.ndarray, masks: np.ndarray) -> None:
-    """smp-style sanity checks before training: sizes divisible by 32, masks in {0, 1}, same count."""
-    assert images.shape == masks.shape, f"images {images.shape} and masks {masks.shape} differ"
-    assert images.shape[1] % 32 == 0 and images.shape[2] % 32 == 0, "U-Net needs sizes divisible by 32"
-    assert set(np.unique(masks)).issubset({0, 1}), "masks must hold only 0 and 1"
+def check_arrays(images: np.ndarray, masks: np.ndarray, image_size: int | None = None) -> None:
+    """smp-style sanity checks before training; each failure raises :class:`LungsegDataError`.
+
+    Images and masks have the same shape, sides divisible by 32 (equal to
+    ``image_size`` when given), and masks hold only 0 and 1.
+    """
+    if masks is None or images.shape != masks.shape:
+        raise LungsegDataError(f"images {images.shape} and masks {getattr(masks, 'shape', None)} differ: "
+                               "give one mask per image, at the same size.")
+    if images.ndim != 3 or images.shape[1] % 32 or images.shape[2] % 32:
+        raise LungsegDataError(f"arrays of shape {images.shape}: a U-Net needs (N, H, W) with H and W divisible by 32.")
+    if image_size is not None and images.shape[1:] != (image_size, image_size):
+        raise LungsegDataError(
+            f"arrays are {images.shape[2]}x{images.shape[1]} px but the config says image_size={image_size}: "
+            "load them with load_arrays(rows, config.image_size)."
+        )
+    if not set(np.unique(masks)).issubset({0, 1}):
+        raise LungsegDataError("masks must hold only 0 and 1 (read them with read_mask or load_arrays).")
 
 
 # --------------------------------------------------------------------------
@@ -730,14 +1107,22 @@ _warned_offline = False
 
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
-    """Fast check that ``host`` answers on port 443 (avoids long retry loops when offline)."""
+    """Fast check that ``host`` answers on port 443 (avoids long retry loops when offline).
+
+    The name look-up runs in a helper thread with the same timeout: a resolver
+    that never answers would otherwise block here far longer than ``timeout``.
+    """
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true"}:
         return False
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
+        addresses = pool.submit(socket.getaddrinfo, host, 443, type=socket.SOCK_STREAM).result(timeout=timeout)
+        with socket.create_connection(addresses[0][4][:2], timeout=timeout):
             return True
-    except OSError:
+    except (OSError, concurrent.futures.TimeoutError, IndexError):
         return False
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _cached_imagenet_state(encoder: str) -> dict[str, torch.Tensor] | None:
@@ -912,7 +1297,13 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 
 
 def hausdorff95(pred: np.ndarray, target: np.ndarray) -> float:
-    """95th-percentile symmetric Hausdorff distance in pixels (MONAI's definition); nan if a mask is empty."""
+    """95th-percentile symmetric Hausdorff distance in pixels (MONAI's definition).
+
+    It is undefined (nan) when either mask is empty: a prediction that misses
+    the lung entirely has no boundary to measure. :func:`evaluate` flags those
+    images and :func:`summarize_scores` counts them, so that they are never
+    silently dropped from a mean.
+    """
     pred_surface, target_surface = _surface(pred), _surface(target)
     if not pred_surface.any() or not target_surface.any():
         return float("nan")
@@ -1009,36 +1400,133 @@ def _run_epoch(model, loader, loss_fn, device, amp_dtype, optimizer=None, schedu
     return total / max(count, 1), dice_sum / max(count, 1)
 
 
+def _plain(value):
+    """``value`` in plain Python types (str, int, float, bool, None, list, dict; tensors kept).
+
+    ``torch.load(weights_only=True)`` refuses anything else, so a ``Path`` or a
+    NumPy number in a config would make a checkpoint unreadable.
+    """
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or type(value) in (str, int, float, bool) or isinstance(value, torch.Tensor):
+        return value
+    for plain_type in (bool, int, float, str):  # subclasses, e.g. torch.__version__ or an IntEnum
+        if isinstance(value, plain_type):
+            return plain_type(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return str(value)
+
+
 def save_checkpoint(path: Path, model: nn.Module, config: TrainConfig, **extra) -> None:
-    """Write a checkpoint atomically: model weights, the run's config and extra state."""
-    payload = {"model_state": model.state_dict(), "config": asdict(config), **extra}
+    """Write a checkpoint atomically: model weights, the run's config, library versions and extra state.
+
+    Everything except the ``*_state`` dicts is stored as plain Python types, so
+    that :func:`load_checkpoint` can read it with ``weights_only=True``.
+    """
+    payload = {
+        "model_state": model.state_dict(),
+        "config": _plain(asdict(config)),
+        "versions": _plain(library_versions()),
+        **{key: value if key.endswith("_state") else _plain(value) for key, value in extra.items()},
+    }
     temporary = path.with_name(path.name + ".tmp")
     torch.save(payload, temporary)
     os.replace(temporary, path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The dict stored in a checkpoint file, read with ``weights_only=True`` (no code can run).
+
+    Every failure raises :class:`LungsegCheckpointError` naming the file and what to do.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LungsegCheckpointError(
+            f"Checkpoint not found: {path}. Train a model first (chapter 03 or `python lungseg_utils.py train`) "
+            "or give the path of its best.pt."
+        )
+    if path.is_dir():
+        raise LungsegCheckpointError(f"{path}: is a folder; give the checkpoint file inside it (e.g. {path / 'best.pt'}).")
+    if path.stat().st_size == 0:
+        raise LungsegCheckpointError(f"{path}: the file is empty (0 bytes). Copy it again or train again.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only load failed" in str(error).lower():
+            raise LungsegCheckpointError(
+                f"{path}: refused. Besides tensors it holds Python objects whose loading could run code, "
+                "and lungseg loads only tensors and plain values. Use a checkpoint written by lungseg's train(), "
+                "from a source you trust."
+            ) from None
+        raise LungsegCheckpointError(f"{path}: not a PyTorch checkpoint ({error}). Give the best.pt written by train().") from None
+    except Exception as error:
+        with open(path, "rb") as f:
+            is_zip = f.read(2) == b"PK"
+        reason = str(error).split(". ")[0].splitlines()[0][:200]
+        if is_zip:
+            raise LungsegCheckpointError(
+                f"{path}: the checkpoint is damaged or truncated ({reason}). Copy it again, or train again."
+            ) from None
+        raise LungsegCheckpointError(
+            f"{path}: not a PyTorch checkpoint ({type(error).__name__}: {reason}). Give the best.pt written by train()."
+        ) from None
+    if not isinstance(payload, dict):
+        raise LungsegCheckpointError(f"{path}: holds a {type(payload).__name__}, not a lungseg checkpoint. Use a file written by train().")
+    return payload
+
+
+CHECKPOINT_CONFIG_KEYS = ("encoder", "image_size")
+
+
+def _checked_config(path: Path, payload: dict) -> dict:
+    """The config of a checkpoint, after checking that it can rebuild a model."""
+    if "model_state" not in payload or "config" not in payload:
+        raise LungsegCheckpointError(f"{path}: not a lungseg checkpoint (no 'model_state'/'config'). Use a file written by train().")
+    config = payload["config"]
+    if not isinstance(config, dict):
+        raise LungsegCheckpointError(
+            f"{path}: its config is a {type(config).__name__}, not a dict. Use a checkpoint written by lungseg's train()."
+        )
+    missing = [key for key in CHECKPOINT_CONFIG_KEYS if key not in config]
+    if missing:
+        raise LungsegCheckpointError(f"{path}: its config lacks {', '.join(missing)}. Use a checkpoint written by lungseg's train().")
+    if config["encoder"] not in smp.encoders.get_encoder_names():
+        raise LungsegCheckpointError(
+            f"{path}: unknown encoder {config['encoder']!r} (segmentation-models-pytorch {smp.__version__} does not "
+            "have it). Use a checkpoint of a known encoder such as resnet34, or update segmentation-models-pytorch."
+        )
+    size = config["image_size"]
+    if not isinstance(size, int) or size <= 0 or size % 32:
+        raise LungsegCheckpointError(f"{path}: image_size {size!r} is not a positive multiple of 32. Use a checkpoint written by train().")
+    return config
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model stored in a checkpoint of :func:`train` (``weights_only=True``, no code runs).
 
     The returned model carries ``lungseg_config`` (its TrainConfig as a dict) and
-    ``lungseg_checkpoint`` (the file it came from).
-    A checkpoint of another architecture raises :class:`LungsegDataError` naming the file.
+    ``lungseg_checkpoint`` (the file it came from). A missing, damaged or unsafe
+    file, a config that cannot rebuild the model and weights of another
+    architecture each raise :class:`LungsegCheckpointError` naming the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint not found: {path}. Train a model first (notebook 03 or `python lungseg_utils.py train`).")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or "model_state" not in payload or "config" not in payload:
-        raise LungsegDataError(f"{path}: not a lungseg checkpoint (no 'model_state'/'config'). Use a file written by train().")
-    config = payload["config"]
+    payload = read_checkpoint(path)
+    config = _checked_config(path, payload)
     model = build_model(config["encoder"], weights=None, skip_connections=config.get("skip_connections", True))
     try:
         model.load_state_dict(payload["model_state"])
-    except RuntimeError as error:
-        raise LungsegDataError(
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise LungsegCheckpointError(
             f"{path}: weights do not fit a U-Net with encoder {config['encoder']!r} "
             f"(checkpoint of another architecture?): {str(error).splitlines()[0]}"
-        ) from error
+        ) from None
     model.lungseg_config = {**config, "weights_loaded": payload.get("weights_loaded", "unknown"), "epoch": payload.get("epoch")}
     model.lungseg_checkpoint = path
     return model.to(device).eval()
@@ -1091,9 +1579,12 @@ def train(
         )
     if resume and not last_path.is_file():
         raise FileNotFoundError(f"Nothing to resume: {last_path} does not exist.")
+    check_arrays(*train_arrays, image_size=config.image_size)
+    check_arrays(*val_arrays, image_size=config.image_size)
+    state = read_checkpoint(last_path) if resume else None
+    if state is not None:
+        _check_same_config(last_path, state["config"], config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    check_arrays(*train_arrays)
-    check_arrays(*val_arrays)
 
     device = pick_device(config.device)
     amp_dtype = autocast_dtype(device) if config.mixed_precision else None
@@ -1103,7 +1594,7 @@ def train(
     train_loader = DataLoader(
         LungDataset(*train_arrays, train_transforms(config.rotate_limit, config.photometric)),
         batch_size=config.batch_size, shuffle=True, drop_last=len(train_arrays[0]) > config.batch_size,
-        num_workers=config.num_workers, pin_memory=device.type == "cuda",
+        num_workers=config.num_workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
     )
     val_loader = DataLoader(LungDataset(*val_arrays), batch_size=config.batch_size, num_workers=config.num_workers)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -1113,13 +1604,15 @@ def train(
 
     records: list[dict] = []
     start_epoch, best_val_loss, best_epoch, stale = 1, math.inf, 0, 0
-    if resume:
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
+    if state is not None:
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler_state"])
-        records = list(pd.read_csv(run_dir / "history.csv").to_dict("records"))
+        if scaler is not None and state.get("scaler_state"):
+            scaler.load_state_dict(state["scaler_state"])
+        records = list(state.get("history") or pd.read_csv(run_dir / "history.csv").to_dict("records"))
+        pd.DataFrame(records).to_csv(run_dir / "history.csv", index=False)  # last.pt is the reference
         start_epoch, best_val_loss = state["epoch"] + 1, state["best_val_loss"]
         best_epoch, stale = state["best_epoch"], state["stale_epochs"]
         print(f"Resuming {run_dir.name} after epoch {state['epoch']} (best so far: epoch {best_epoch}).")
@@ -1150,12 +1643,13 @@ def train(
             train_images_per_s=len(train_loader.dataset) / train_seconds,
         )
         records.append(record)
-        pd.DataFrame(records).to_csv(run_dir / "history.csv", index=False)
         save_checkpoint(
             last_path, model, config, epoch=epoch, optimizer_state=optimizer.state_dict(),
             scheduler_state=scheduler.state_dict() if scheduler is not None else {},
-            best_val_loss=best_val_loss, best_epoch=best_epoch, stale_epochs=stale,
+            scaler_state=scaler.state_dict() if scaler is not None else {},
+            best_val_loss=best_val_loss, best_epoch=best_epoch, stale_epochs=stale, history=records,
         )
+        pd.DataFrame(records).to_csv(run_dir / "history.csv", index=False)
         print(f"epoch {epoch:2d}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  val Dice {val_dice:.4f}  "
               f"{record['epoch_seconds']:.0f}s  {record['train_images_per_s']:.1f} img/s{'  *best*' if improved else ''}")
         if on_epoch_end is not None:
@@ -1174,6 +1668,40 @@ def train(
         print(f"Early stopping: no better validation loss for {config.patience} epochs.")
     best_model = load_checkpoint(best_path, device)
     return TrainResult(best_model, history, run_dir, best_epoch, best_val_loss, wall, str(device), extra)
+
+
+RESUME_MAY_DIFFER = ("device", "num_workers")
+
+
+def _check_same_config(path: Path, stored: dict, config: TrainConfig) -> None:
+    """Refuse to resume with a config that differs from the stored one (except device and workers)."""
+    current = _plain(asdict(config))
+    differences = [
+        f"{key} (stored {stored.get(key)!r}, now {value!r})"
+        for key, value in current.items()
+        if key not in RESUME_MAY_DIFFER and stored.get(key) != value
+    ]
+    if differences:
+        raise LungsegCheckpointError(
+            f"Cannot resume {path}: the config differs in {'; '.join(differences)}. Resume with the stored "
+            "config, or start a new run in a new folder."
+        )
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: each worker gets its own, repeatable augmentation stream.
+
+    PyTorch gives worker ``i`` the seed ``base_seed + i``, where ``base_seed`` is
+    drawn from the (seeded) main process each epoch; without this, every worker
+    would copy the same Albumentations generator and augment identically.
+    """
+    info = torch.utils.data.get_worker_info()
+    seed = info.seed % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    transform = getattr(info.dataset, "transform", None)
+    if transform is not None:
+        transform.set_random_seed(seed)
 
 
 def train_config_for_mode(quick: bool | None = None, **overrides) -> TrainConfig:
@@ -1215,6 +1743,7 @@ def load_or_train_quick_model(
     split = quick_subset(three_way_split(build_pairs_table(data_dir)), run.max_images)
     config = train_config_for_mode(quick=True, weights=None, lr=1e-3, schedule="onecycle")
     folder = Path(tempfile.mkdtemp(prefix="lungseg-quick-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # kept while this process may still use best.pt
     result = train(load_arrays(split["train"], config.image_size), load_arrays(split["val"], config.image_size), folder / "run", config)
     return result.model, f"quick-mode model trained just now ({len(split['train'])} images, {config.image_size}px, {config.epochs} epochs): for trying the code, not for its scores"
 
@@ -1243,7 +1772,11 @@ def predict_arrays(
 
     ``tta_flip`` averages with the prediction on the horizontally flipped image.
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device is not None:
+        device = torch.device(device)
+        model.to(device)
+    else:
+        device = next(model.parameters()).device
     amp_dtype = autocast_dtype(device)
     model.eval()
     outputs = []
@@ -1276,9 +1809,13 @@ def model_image_size(model: nn.Module, default: int = 256) -> int:
     return int(getattr(model, "lungseg_config", {}).get("image_size", default))
 
 
-def predict_proba(model: nn.Module, image: str | os.PathLike | np.ndarray, size: int | None = None) -> np.ndarray:
-    """Lung probability map at the image's original size, for a path or an array of any kind."""
-    gray = read_xray(image) if isinstance(image, (str, os.PathLike)) else to_gray_uint8(np.asarray(image), "array")
+def predict_proba(model: nn.Module, image: str | os.PathLike | bytes | np.ndarray, size: int | None = None) -> np.ndarray:
+    """Lung probability map at the image's original size, for a file, its bytes or an array of any kind."""
+    if isinstance(image, (str, os.PathLike, bytes)):
+        gray = decode_image(image)
+    else:
+        gray = to_gray_uint8(np.asarray(image), "array")
+        check_image_size(gray.shape[1], gray.shape[0], "array")
     size = size or model_image_size(model)
     probs = predict_arrays(model, resize_image(gray, size)[None])[0]
     return cv2.resize(probs, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_LINEAR)
@@ -1286,14 +1823,15 @@ def predict_proba(model: nn.Module, image: str | os.PathLike | np.ndarray, size:
 
 def predict(
     model: nn.Module,
-    image: str | os.PathLike | np.ndarray,
+    image: str | os.PathLike | bytes | np.ndarray,
     threshold: float = 0.5,
     postprocess: bool = False,
     size: int | None = None,
 ) -> np.ndarray:
     """Binary lung mask (0/1 ``uint8``) at the image's original size.
 
-    ``image`` is a path or an array: any size, 8 or 16 bit, gray or RGB(A).
+    ``image`` is a path, a file's bytes or an array: any size up to the limit of
+    :func:`check_image_size`, 8 or 16 bit, gray or RGB(A), or DICOM.
     ``postprocess`` keeps the two largest regions and fills holes.
     """
     mask = (predict_proba(model, image, size) > threshold).astype(np.uint8)
@@ -1322,28 +1860,6 @@ def error_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, alpha:
     return rgb.astype(np.uint8)
 
 
-def decode_upload(data: bytes, name: str) -> np.ndarray:
-    """Decode an uploaded file (PNG, JPEG, TIFF, or DICOM when pydicom is installed) to 8-bit gray."""
-    if name.lower().endswith((".dcm", ".dicom")):
-        try:
-            import pydicom
-        except ImportError:
-            raise LungsegDataError(f"{name}: reading DICOM needs pydicom (pip install pydicom).") from None
-        import io
-
-        try:
-            dataset = pydicom.dcmread(io.BytesIO(data))
-            pixels = dataset.pixel_array
-        except Exception as error:
-            raise LungsegDataError(f"{name}: not a readable DICOM image ({error}).") from error
-        gray = to_gray_uint8(np.asarray(pixels), name)
-        return 255 - gray if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1" else gray
-    raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if raw is None:
-        raise LungsegDataError(f"{name}: cannot be decoded as an image. Upload a chest X-ray as PNG, JPEG or DICOM.")
-    return to_gray_uint8(raw, name)
-
-
 def mask_png_bytes(mask: np.ndarray) -> bytes:
     """A 0/1 mask encoded as an 8-bit PNG (0 = background, 255 = lung)."""
     return cv2.imencode(".png", mask.astype(np.uint8) * 255)[1].tobytes()
@@ -1360,8 +1876,8 @@ class SegmentationApp:
         import ipywidgets as widgets
 
         self.model, self.postprocess = model, postprocess
-        self.upload = widgets.FileUpload(accept=".png,.jpg,.jpeg,.tif,.tiff,.dcm", multiple=False, description="X-ray")
-        self.message = widgets.HTML("Upload a chest X-ray (PNG, JPEG, 8 or 16 bit, or DICOM).")
+        self.upload = widgets.FileUpload(accept=".png,.jpg,.jpeg,.tif,.tiff,.bmp,.dcm,.dicom", multiple=False, description="X-ray")
+        self.message = widgets.HTML("Upload a chest X-ray (PNG, JPEG, TIFF, BMP, 8 or 16 bit, or DICOM).")
         self.picture = widgets.Output()
         self.download = widgets.HTML()
         self.upload.observe(self._on_upload, names="value")
@@ -1381,7 +1897,7 @@ class SegmentationApp:
         self.picture.clear_output()
         self.download.value = ""
         try:
-            gray = decode_upload(data, name)
+            gray = decode_image(data, name)
             mask = predict(self.model, gray, postprocess=self.postprocess)
         except LungsegDataError as error:
             self.message.value = f"<span style='color:#b00020'>Could not segment this file: {html.escape(str(error))}</span>"
@@ -1419,7 +1935,7 @@ def evaluate(
     """Per-image Dice, IoU and HD95 at the model's size and (optionally) at the original size.
 
     Returns one row per image with the table's columns plus ``dice``, ``iou``,
-    ``hd95`` and, at the original resolution, ``dice_orig``, ``iou_orig``,
+    ``hd95`` (nan where nothing was predicted), ``empty_prediction`` and, at the original resolution, ``dice_orig``, ``iou_orig``,
     ``hd95_orig``. The model-size probabilities are kept in ``.attrs["probs"]``.
     """
     size = size or model_image_size(model)
@@ -1431,6 +1947,7 @@ def evaluate(
     result = rows.reset_index(drop=True).copy()
     result["dice"], result["iou"] = dice_iou_per_image(preds, masks)
     result["hd95"] = [hausdorff95(p, m) for p, m in zip(preds, masks)]
+    result["empty_prediction"] = preds.reshape(len(preds), -1).max(axis=1) == 0 if len(preds) else []
     if original_resolution:
         scores = []
         for prob, (_, row) in zip(probs, result.iterrows()):
@@ -1448,14 +1965,22 @@ def evaluate(
 
 
 def summarize_scores(values: Sequence[float], n_bootstrap: int = 2000, seed: int = SEED) -> dict[str, float]:
-    """Mean, std, median, 5th percentile and a bootstrap 95% confidence interval of the mean."""
+    """Mean, std, median, 5th and 95th percentiles and a bootstrap 95% interval of the mean.
+
+    Undefined values (nan, e.g. the HD95 of an empty prediction) are left out of
+    the statistics and counted in ``missing``: report it beside the mean.
+    """
     values = np.asarray(values, dtype=float)
+    missing = int(np.isnan(values).sum())
     values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return dict(mean=np.nan, std=np.nan, median=np.nan, p5=np.nan, p95=np.nan, ci_low=np.nan, ci_high=np.nan, n=0, missing=missing)
     rng = np.random.default_rng(seed)
     means = rng.choice(values, size=(n_bootstrap, len(values)), replace=True).mean(axis=1)
     return dict(
         mean=values.mean(), std=values.std(ddof=1) if len(values) > 1 else 0.0, median=np.median(values),
-        p5=np.percentile(values, 5), ci_low=np.percentile(means, 2.5), ci_high=np.percentile(means, 97.5), n=len(values),
+        p5=np.percentile(values, 5), p95=np.percentile(values, 95),
+        ci_low=np.percentile(means, 2.5), ci_high=np.percentile(means, 97.5), n=len(values), missing=missing,
     )
 
 
@@ -1478,31 +2003,49 @@ def _cli_train(args: argparse.Namespace) -> None:
     for part in ("val", "test"):
         scores = evaluate(result.model, split[part], config.image_size, original_resolution=False)
         seed_style = seed_batch_dice(scores.attrs["probs"], scores.attrs["masks"])
+        hd95 = summarize_scores(scores["hd95"])
         print(f"{part}: per-image Dice {scores['dice'].mean():.4f}  IoU {scores['iou'].mean():.4f}  "
-              f"HD95 {scores['hd95'].mean():.2f}px  seed-style batch Dice {seed_style:.4f}  (n={len(scores)})")
+              f"HD95 {hd95['mean']:.2f}px ({hd95['missing']} empty predictions)  "
+              f"seed-style batch Dice {seed_style:.4f}  (n={len(scores)})")
     print(f"best epoch {result.best_epoch} of {len(result.history)}, wall {result.wall_seconds / 60:.1f} min, "
           f"{result.history['train_images_per_s'].mean():.1f} train img/s on {result.device}")
 
 
-def _cli_predict(args: argparse.Namespace) -> None:
-    """Write a PNG mask (0/255) next to each input's name in ``--out``; never overwrite without --force."""
+def _cli_predict(args: argparse.Namespace) -> int:
+    """Write a PNG mask (0/255) for each input into ``--out``; go on past bad files.
+
+    Every file that cannot be done is named with its reason; a one-line summary
+    ends the run. Returns the exit status: 0 when every file was done, else 1.
+    An existing mask is never overwritten without ``--force``.
+    """
     model = load_checkpoint(args.checkpoint)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    done, failed = 0, 0
     for image_path in args.images:
         target = out / f"{Path(image_path).stem}_mask.png"
-        if target.exists() and not args.force:
-            raise SystemExit(f"{target} exists; pass --force to overwrite it.")
         try:
+            if target.exists() and not args.force:
+                raise LungsegError(f"{target} exists; pass --force to overwrite it.")
             mask = predict(model, image_path, threshold=args.threshold, postprocess=not args.raw)
-        except LungsegDataError as error:
-            raise SystemExit(str(error)) from None
-        cv2.imwrite(str(target), mask * 255)
+            if not cv2.imwrite(str(target), mask * 255):
+                raise LungsegError(f"could not write {target}; check that the folder is writable.")
+        except LungsegError as error:
+            failed += 1
+            print(f"FAILED {image_path}: {error}", file=sys.stderr)
+            continue
+        except Exception as error:  # a batch goes on; the reason is still named
+            failed += 1
+            print(f"FAILED {image_path}: unexpected {type(error).__name__}: {error}", file=sys.stderr)
+            continue
+        done += 1
         print(f"{image_path} -> {target}  (lung fraction {mask.mean():.3f})")
+    print(f"{done} done, {failed} failed, of {len(args.images)} files.")
+    return 1 if failed else 0
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command-line entry point: ``download``, ``train`` and ``predict``."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point: ``download``, ``train`` and ``predict``; returns the exit status."""
     parser = argparse.ArgumentParser(prog="lungseg_utils.py", description="Lung segmentation in chest X-rays.")
     commands = parser.add_subparsers(dest="command", required=True)
     download = commands.add_parser("download", help="download the public data sets into a folder")
@@ -1519,22 +2062,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     trainer.add_argument("--quick", action="store_true")
     trainer.add_argument("--resume", action="store_true")
     predictor = commands.add_parser("predict", help="segment X-rays and write PNG masks")
-    predictor.add_argument("images", nargs="+", help="X-ray files: PNG, JPEG or TIFF, any size, 8 or 16 bit")
+    predictor.add_argument("images", nargs="+", help="X-ray files: PNG, JPEG, TIFF, BMP (8 or 16 bit) or DICOM")
     predictor.add_argument("--checkpoint", required=True, help="best.pt written by train (chapter 03)")
     predictor.add_argument("--out", required=True, help="folder for the masks, <name>_mask.png (0/255)")
     predictor.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
     predictor.add_argument("--raw", action="store_true", help="skip post-processing")
     predictor.add_argument("--force", action="store_true", help="overwrite existing mask files")
     args = parser.parse_args(argv)
-    if args.command == "download":
-        print(download_kaggle(args.target))
-        if args.montgomery:
-            print(download_montgomery(args.target))
-    elif args.command == "train":
-        _cli_train(args)
-    else:
-        _cli_predict(args)
+    try:
+        if args.command == "download":
+            print(download_kaggle(args.target))
+            if args.montgomery:
+                print(download_montgomery(args.target))
+        elif args.command == "train":
+            _cli_train(args)
+        else:
+            return _cli_predict(args)
+    except (LungsegError, FileExistsError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

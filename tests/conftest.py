@@ -51,3 +51,37 @@ def write_kaggle_layout(root: Path, n: int = 4, size: int = 64) -> Path:
             cv2.imwrite(str(base / "masks" / f"{name}{mask_suffix}.png"), lung_mask(size))
     cv2.imwrite(str(base / "CXR_png" / "CHNCXR_9999_1.png"), np.zeros((size, size), np.uint8))
     return base
+
+
+def dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", **attributes) -> bytes:
+    """A minimal uncompressed 16-bit DICOM file (digital X-ray) holding ``pixels``; extra attributes are set as given."""
+    import io
+
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    for key, value in attributes.items():
+        setattr(ds, key, value)
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def write_header_bomb(path: Path, side: int = 20000) -> Path:
+    """A valid 1-bit PNG of ``side`` x ``side`` black pixels: tens of kB on disk, gigabytes once decoded to 8 bit."""
+    from PIL import Image
+
+    Image.new("1", (side, side)).save(path, optimize=True)
+    return path

@@ -112,10 +112,10 @@ def test_corrupt_png_is_named(tmp_path):
     base = write_kaggle_layout(tmp_path)
     bad = base / "CXR_png" / "MCUCXR_0000_0.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    with pytest.raises(L.LungsegDataError, match=r"MCUCXR_0000_0\.png: cannot be read"):
+    with pytest.raises(L.LungsegDataError, match=r"MCUCXR_0000_0\.png: cannot be read as an image.*Replace it"):
         L.build_pairs_table(tmp_path)
-    with pytest.raises(L.LungsegDataError, match=r"MCUCXR_0000_0\.png: cannot be decoded.*Replace it"):
-        L.read_xray(bad)
+    with pytest.raises(L.LungsegDataError, match=r"MCUCXR_0000_0\.png: cannot be read as an image.*Replace it"):
+        L.decode_image(bad)
 
 
 def test_16bit_and_rgba_masks_are_refused_with_the_file_named(tmp_path):
@@ -132,11 +132,11 @@ def test_16bit_and_rgba_masks_are_refused_with_the_file_named(tmp_path):
 def test_16bit_and_rgba_images_become_8bit_gray(tmp_path):
     gray = np.tile(np.arange(64, dtype=np.uint16) * 1000, (64, 1))
     cv2.imwrite(str(tmp_path / "x16.png"), gray)
-    image = L.read_xray(tmp_path / "x16.png")
+    image = L.decode_image(tmp_path / "x16.png")
     assert image.dtype == np.uint8 and image.shape == (64, 64) and image.min() == 0 and image.max() == 255
     rgba = np.dstack([np.full((40, 50), 100, np.uint8)] * 3 + [np.zeros((40, 50), np.uint8)])
     cv2.imwrite(str(tmp_path / "xrgba.png"), rgba)
-    image = L.read_xray(tmp_path / "xrgba.png")
+    image = L.decode_image(tmp_path / "xrgba.png")
     assert image.shape == (40, 50) and (image == 100).all()
 
 
@@ -173,14 +173,15 @@ def test_three_way_split_is_stratified_disjoint_and_deterministic(real_data_dir)
 
 def test_assert_disjoint_catches_overlap(real_data_dir):
     table = L.labeled_only(L.build_pairs_table(real_data_dir))
-    with pytest.raises(AssertionError, match="in both a and b"):
+    with pytest.raises(L.LungsegDataError, match="in both a and b"):
         L.assert_disjoint({"a": table.iloc[:10], "b": table.iloc[5:15]})
 
 
-def test_quick_subset_keeps_both_sources(real_data_dir):
+def test_quick_subset_keeps_both_hospitals_and_both_tb_labels(real_data_dir):
     split = L.quick_subset(L.three_way_split(L.build_pairs_table(real_data_dir)), 80)
     assert 60 <= sum(len(v) for v in split.values()) <= 100
-    assert all(set(v.source) == {"Montgomery", "Shenzhen"} for v in split.values())
+    for part in split.values():
+        assert set(zip(part.source, part.tb_label)) == {(s, t) for s in ("Montgomery", "Shenzhen") for t in (0, 1)}
     L.assert_disjoint(split)
 
 
@@ -234,10 +235,26 @@ def test_train_transforms_have_no_horizontal_flip():
 
 
 def test_check_arrays_rejects_bad_sizes_and_values():
-    with pytest.raises(AssertionError, match="divisible by 32"):
+    with pytest.raises(L.LungsegDataError, match="divisible by 32"):
         L.check_arrays(np.zeros((1, 50, 50), np.uint8), np.zeros((1, 50, 50), np.uint8))
-    with pytest.raises(AssertionError, match="only 0 and 1"):
+    with pytest.raises(L.LungsegDataError, match="only 0 and 1"):
         L.check_arrays(np.zeros((1, 64, 64), np.uint8), np.full((1, 64, 64), 255, np.uint8))
+    with pytest.raises(L.LungsegDataError, match="differ"):
+        L.check_arrays(np.zeros((2, 64, 64), np.uint8), np.zeros((1, 64, 64), np.uint8))
+    with pytest.raises(L.LungsegDataError, match="config says image_size=128"):
+        L.check_arrays(np.zeros((1, 64, 64), np.uint8), np.zeros((1, 64, 64), np.uint8), image_size=128)
+
+
+def test_checks_survive_python_optimize_mode():
+    """``python -O`` strips assert statements; the module's checks must still raise."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, lungseg_utils as L\n"
+            "try:\n    L.check_arrays(np.zeros((1, 50, 50), np.uint8), np.zeros((1, 50, 50), np.uint8))\n"
+            "except L.LungsegDataError:\n    print('raised')\n")
+    result = subprocess.run([sys.executable, "-O", "-c", code], cwd=L.REPO_DIR, capture_output=True, text=True)
+    assert result.stdout.strip() == "raised", result.stderr
 
 
 def test_quick_mode_config(monkeypatch):

@@ -142,20 +142,91 @@ def test_seed_batch_dice_by_hand():
     assert L.seed_batch_dice(probs, target, batch_size=2) == pytest.approx((first + third) / 2)
 
 
-def test_hausdorff95_of_shifted_square():
-    a = np.zeros((64, 64), np.uint8)
-    a[20:40, 20:40] = 1
-    b = np.roll(a, 3, axis=1)
+def brute_force_hd95(a: np.ndarray, b: np.ndarray) -> float:
+    """HD95 from all pairwise distances between the two boundaries (no distance transform).
+
+    A boundary pixel is a mask pixel with a 4-neighbour outside the mask (or outside the image).
+    """
+    from scipy.spatial.distance import cdist
+
+    def boundary(mask):
+        mask = mask.astype(bool)
+        padded = np.pad(mask, 1)
+        inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        return np.argwhere(mask & ~inner)
+
+    distances = cdist(boundary(a), boundary(b))
+    return max(np.percentile(distances.min(axis=1), 95), np.percentile(distances.min(axis=0), 95))
+
+
+def shapes(size: int = 64) -> dict[str, np.ndarray]:
+    square = np.zeros((size, size), np.uint8)
+    square[20:40, 20:40] = 1
+    disc = np.zeros_like(square)
+    cv2.circle(disc, (30, 34), 14, 1, -1)
+    ring = disc.copy()
+    cv2.circle(ring, (30, 34), 6, 0, -1)
+    return {"square": square, "shifted square": np.roll(square, 3, axis=1), "disc": disc, "ring": ring,
+            "lungs": lung_mask(size) // 255, "shifted lungs": lung_mask(size, shift=5) // 255,
+            "speck": (np.arange(size * size).reshape(size, size) == 5 * size + 50).astype(np.uint8) | square}
+
+
+@pytest.mark.parametrize("pair", [("square", "shifted square"), ("square", "disc"), ("disc", "ring"),
+                                  ("lungs", "shifted lungs"), ("lungs", "disc"), ("square", "speck")])
+def test_hausdorff95_equals_brute_force(pair):
+    a, b = (shapes()[name] for name in pair)
+    assert L.hausdorff95(a, b) == pytest.approx(brute_force_hd95(a, b), abs=1e-9)
     assert L.hausdorff95(a, a) == 0
-    assert L.hausdorff95(a, b) == pytest.approx(3.0)
-    assert np.isnan(L.hausdorff95(a, np.zeros_like(a)))
 
 
-def test_summarize_scores_interval_contains_mean():
-    values = np.random.default_rng(0).normal(0.95, 0.02, 200)
+def test_hausdorff95_of_shifted_square_is_the_shift():
+    a = shapes()["square"]
+    assert L.hausdorff95(a, np.roll(a, 3, axis=1)) == pytest.approx(3.0)
+
+
+def test_empty_prediction_is_counted_not_dropped():
+    square = shapes()["square"]
+    hd95 = [L.hausdorff95(square, square), L.hausdorff95(np.zeros_like(square), square)]
+    assert np.isnan(hd95[1])
+    summary = L.summarize_scores(hd95)
+    assert summary["missing"] == 1 and summary["n"] == 1
+
+
+def bootstrap_coverage(interval, n_trials: int = 300, n: int = 40) -> float:
+    """Share of trials whose interval covers the true mean (1.0) of a skewed distribution (exponential)."""
+    rng = np.random.default_rng(1)
+    hits = 0
+    for trial in range(n_trials):
+        low, high = interval(rng.exponential(1.0, n), trial)
+        hits += low <= 1.0 <= high
+    return hits / n_trials
+
+
+def test_bootstrap_interval_has_its_nominal_coverage():
+    def ours(values, trial):
+        summary = L.summarize_scores(values, n_bootstrap=1000, seed=trial)
+        return summary["ci_low"], summary["ci_high"]
+
+    def mean_plus_minus_std(values, trial):  # a wrong "interval" the check must reject
+        return values.mean() - values.std(), values.mean() + values.std()
+
+    def too_narrow(values, trial):  # half the width of a correct interval
+        half = values.std(ddof=1) / np.sqrt(len(values))
+        return values.mean() - half, values.mean() + half
+
+    def accepted(coverage: float) -> bool:
+        return 0.88 <= coverage <= 0.985
+
+    assert accepted(bootstrap_coverage(ours))
+    assert not accepted(bootstrap_coverage(mean_plus_minus_std))
+    assert not accepted(bootstrap_coverage(too_narrow))
+
+
+def test_summarize_scores_percentiles():
+    values = np.arange(1, 101, dtype=float)
     summary = L.summarize_scores(values)
-    assert summary["ci_low"] < summary["mean"] < summary["ci_high"]
-    assert summary["p5"] < summary["median"] and summary["n"] == 200
+    assert summary["p5"] == pytest.approx(5.95) and summary["p95"] == pytest.approx(95.05)
+    assert summary["median"] == 50.5 and summary["n"] == 100 and summary["missing"] == 0
 
 
 # ---------------------------------------------------------------- training
@@ -215,16 +286,88 @@ def test_resume_without_checkpoint_is_clear(tmp_path):
         L.train(tiny_arrays(8), tiny_arrays(4), tmp_path / "new", tiny_config(), resume=True)
 
 
-def test_checkpoint_of_another_architecture_is_named(tmp_path):
-    model = L.build_model("resnet18", weights=None)
-    L.save_checkpoint(tmp_path / "r18.pt", model, L.TrainConfig(encoder="resnet34"))
-    with pytest.raises(L.LungsegDataError, match=r"r18\.pt: weights do not fit a U-Net with encoder 'resnet34'"):
-        L.load_checkpoint(tmp_path / "r18.pt")
-    torch.save({"something": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(L.LungsegDataError, match=r"other\.pt: not a lungseg checkpoint"):
-        L.load_checkpoint(tmp_path / "other.pt")
-    with pytest.raises(FileNotFoundError, match="Train a model first"):
-        L.load_checkpoint(tmp_path / "missing.pt")
+def test_resume_refuses_a_changed_config_naming_the_fields(tmp_path):
+    data, val = tiny_arrays(8), tiny_arrays(4, seed=1)
+    L.train(data, val, tmp_path / "run", tiny_config(epochs=1))
+    with pytest.raises(L.LungsegCheckpointError, match=r"config differs in epochs \(stored 1, now 2\); lr \(stored 0\.001, now 0\.01\)"):
+        L.train(data, val, tmp_path / "run", tiny_config(epochs=2, lr=1e-2), resume=True)
+    resumed = L.train(data, val, tmp_path / "run", tiny_config(epochs=1, num_workers=0, device="cpu"), resume=True)
+    assert resumed.history.epoch.tolist() == [1]
+
+
+def test_history_follows_last_checkpoint_if_the_csv_write_was_lost(tmp_path):
+    data, val = tiny_arrays(8), tiny_arrays(4, seed=1)
+    config = tiny_config(epochs=3)
+
+    def die_after_epoch_2(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        L.train(data, val, tmp_path / "run", config, on_epoch_end=die_after_epoch_2)
+    history_file = tmp_path / "run" / "history.csv"
+    pd.read_csv(history_file).iloc[:1].to_csv(history_file, index=False)  # as if the process died before writing it
+    resumed = L.train(data, val, tmp_path / "run", config, resume=True)
+    assert resumed.history.epoch.tolist() == [1, 2, 3]
+    assert pd.read_csv(history_file).epoch.tolist() == [1, 2, 3]
+
+
+def test_grad_scaler_state_is_saved_and_restored(tmp_path, monkeypatch):
+    """fp16 autocast needs a GradScaler; its scale must survive a resume (forced here on the CPU)."""
+    monkeypatch.setattr(L, "autocast_dtype", lambda device: torch.float16)
+    data, val = tiny_arrays(8), tiny_arrays(4, seed=1)
+    config = tiny_config(epochs=2)
+
+    def interrupt(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        L.train(data, val, tmp_path / "run", config, on_epoch_end=interrupt)
+    stored = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["scaler_state"]
+    assert stored and stored["scale"] > 0
+    restored = {}
+    original_load = torch.amp.GradScaler.load_state_dict
+    monkeypatch.setattr(torch.amp.GradScaler, "load_state_dict", lambda self, state: restored.update(state) or original_load(self, state))
+    resumed = L.train(data, val, tmp_path / "run", config, resume=True)
+    assert restored["scale"] == stored["scale"] and resumed.history.epoch.tolist() == [1, 2]
+
+
+def test_train_checks_image_size_against_config(tmp_path):
+    with pytest.raises(L.LungsegDataError, match="config says image_size=128"):
+        L.train(tiny_arrays(8), tiny_arrays(4, seed=1), tmp_path / "run", tiny_config(image_size=128))
+    assert not (tmp_path / "run").exists(), "nothing is written for a run that cannot start"
+
+
+def test_train_with_path_and_numpy_values_in_config_reloads_its_best_model(tmp_path):
+    """A Path or a NumPy number in the config must not break the checkpoint (weights_only=True refuses them)."""
+    source = L.build_model("resnet18", weights=None)
+    save_file({k: v.contiguous() for k, v in source.encoder.state_dict().items()}, str(tmp_path / "encoder.safetensors"))
+    config = tiny_config(epochs=1, lr=np.float64(1e-3), rotate_limit=np.float32(20), weights=tmp_path / "encoder.safetensors")
+    result = L.train(tiny_arrays(8), tiny_arrays(4, seed=1), tmp_path / "run", config)
+    stored = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["config"]
+    assert stored["weights"] == str(tmp_path / "encoder.safetensors")
+    assert type(stored["lr"]) is float and type(stored["rotate_limit"]) is float
+    assert result.model.lungseg_config["lr"] == pytest.approx(1e-3)
+
+
+def test_workers_get_their_own_augmentation_streams():
+    """Two DataLoader workers must not produce identical augmentations, and runs must repeat."""
+    image = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))
+    images = np.stack([image] * 4)
+    masks = np.stack([lung_mask() // 255] * 4)
+    dataset = L.LungDataset(images, masks, L.train_transforms())
+    dataset.transform.set_random_seed(0)
+
+    def augmented(worker_init_fn) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=worker_init_fn)
+        return [batch[0][0] for batch in loader]
+
+    unseeded = augmented(None)
+    assert torch.equal(unseeded[0], unseeded[1]), "without seed_worker both workers copy one generator (the bug)"
+    first = augmented(L.seed_worker)
+    assert not torch.equal(first[0], first[1]), "worker 0 and worker 1 augmented their first images identically"
+    assert all(torch.equal(a, b) for a, b in zip(first, augmented(L.seed_worker))), "the same seed must give the same samples"
 
 
 # ---------------------------------------------------------------- inference
