@@ -19,13 +19,13 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	LUNGSEG_QUICK=$${LUNGSEG_QUICK:-1} $(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider
+	LUNGSEG_QUICK=$${LUNGSEG_QUICK:-1} $(PY) -m pytest tests notebooks --nbval-lax --nbval-cell-timeout=900 -p no:cacheprovider
 
 run: $(STAMP)
 	@for nb in $(NOTEBOOKS); do \
 		echo "== $$nb"; \
 		LUNGSEG_QUICK=0 $(PY) -m jupyter nbconvert --to notebook --execute --inplace \
-			--ExecutePreprocessor.timeout=-1 "$$nb" || exit 1; \
+			--ExecutePreprocessor.timeout=7200 "$$nb" || exit 1; \
 	done
 
 lab: $(STAMP)

@@ -63,14 +63,14 @@ def test_download_montgomery_extracts_pairs_and_skips_when_present(server, tmp_p
     montgomery_zip(www / "MontgomerySet.zip")
     size = (www / "MontgomerySet.zip").stat().st_size
     target = tmp_path / "data"
-    set_dir = L.download_montgomery(target, url=f"{url}/MontgomerySet.zip", expected_size=size)
+    set_dir = L.download_montgomery(target, urls=[f"{url}/MontgomerySet.zip"], expected_size=size, expected_images=2)
     assert set_dir == target / "MontgomerySet"
     table = L.build_pairs_table(target)
     assert len(table) == 2 and table.labeled.all() and all(len(m) == 2 for m in table.mask_paths)
     _, mask = L.read_pair(table.image_path[0], table.mask_paths[0])
     np.testing.assert_array_equal(mask, lung_mask(64) // 255)
     assert not (target / "MontgomerySet.zip").exists(), "the archive is removed after extraction"
-    L.download_montgomery(target, url=f"{url}/MontgomerySet.zip")
+    L.download_montgomery(target, urls=[f"{url}/MontgomerySet.zip"], expected_images=2)
     assert CountingHandler.requests == ["/MontgomerySet.zip"], "second call must not download again"
 
 
@@ -80,7 +80,7 @@ def test_download_file_verifies_size_and_checksum(server, tmp_path):
     good = hashlib.sha256(b"x" * 1000).hexdigest()
     path = L.download_file(f"{url}/blob.bin", tmp_path / "blob.bin", expected_size=1000, sha256=good)
     assert path.read_bytes() == b"x" * 1000
-    with pytest.raises(L.LungsegDataError, match="incomplete or corrupt"):
+    with pytest.raises(L.LungsegDataError, match="incomplete or corrupt.*The file was deleted; run the download again"):
         L.download_file(f"{url}/blob.bin", tmp_path / "other.bin", expected_size=999)
     assert not (tmp_path / "other.bin").exists() and not (tmp_path / "other.bin.part").exists()
     with pytest.raises(L.LungsegDataError, match="incomplete or corrupt"):
@@ -95,9 +95,10 @@ def test_hostile_zip_is_refused_and_writes_nothing(server, tmp_path, member):
         zf.writestr(member, b"owned")
     target = tmp_path / "deep" / "data"
     with pytest.raises(L.LungsegDataError, match="Refusing to extract"):
-        L.download_montgomery(target, url=f"{url}/MontgomerySet.zip")
+        L.download_montgomery(target, urls=[f"{url}/MontgomerySet.zip"], expected_images=None)
     assert not list(tmp_path.rglob("escape.txt"))
     assert not (target / "MontgomerySet").exists(), "nothing is extracted from a hostile archive"
+    assert not (target / "MontgomerySet.zip").exists(), "the refused archive is deleted"
 
 
 def test_zip_symlink_member_is_refused(tmp_path):
@@ -117,3 +118,112 @@ def test_ensure_data_gives_clear_error_when_download_fails(tmp_path, monkeypatch
     monkeypatch.setattr(L, "download_kaggle", no_internet)
     with pytest.raises(L.LungsegDataError, match="(?s)Download failed.*LUNGSEG_DATA_DIR"):
         L.ensure_data(tmp_path / "empty")
+
+
+def test_archive_that_fails_its_check_is_deleted_and_the_next_call_downloads_again(server, tmp_path):
+    url, www = server
+    (www / "MontgomerySet.zip").write_bytes(b"PK\x03\x04 this is not really a zip")
+    target = tmp_path / "data"
+    with pytest.raises(L.LungsegDataError, match="(?s)not a readable zip archive.*The archive was deleted; run the download again"):
+        L.download_montgomery(target, urls=[f"{url}/MontgomerySet.zip"], expected_images=2)
+    assert not (target / "MontgomerySet.zip").exists() and not (target / "MontgomerySet").exists()
+    montgomery_zip(www / "MontgomerySet.zip")  # the server now has the real file
+    assert L.download_montgomery(target, urls=[f"{url}/MontgomerySet.zip"], expected_images=2) == target / "MontgomerySet"
+    assert CountingHandler.requests == ["/MontgomerySet.zip", "/MontgomerySet.zip"]
+
+
+def test_recorded_checksum_is_enforced(server, tmp_path):
+    url, www = server
+    montgomery_zip(www / "MontgomerySet.zip")
+    good = hashlib.sha256((www / "MontgomerySet.zip").read_bytes()).hexdigest()
+    with pytest.raises(L.LungsegDataError, match="incomplete or corrupt.*deleted"):
+        L.download_montgomery(tmp_path / "data", urls=[f"{url}/MontgomerySet.zip"], sha256="0" * 64, expected_images=2)
+    assert not (tmp_path / "data" / "MontgomerySet.zip").exists()
+    L.download_montgomery(tmp_path / "data", urls=[f"{url}/MontgomerySet.zip"], sha256=good, expected_images=2)
+
+
+def test_archive_with_the_wrong_content_is_refused(server, tmp_path):
+    url, www = server
+    montgomery_zip(www / "MontgomerySet.zip")
+    target = tmp_path / "data"
+    with pytest.raises(L.LungsegDataError, match=r"(?s)2 X-rays, expected 138.*The archive was deleted"):
+        L.download_montgomery(target, urls=[f"{url}/MontgomerySet.zip"])
+    assert not (target / "MontgomerySet").exists() and not (target / "MontgomerySet.zip").exists()
+
+
+def test_a_second_address_is_tried_when_the_first_fails(server, tmp_path):
+    url, www = server
+    montgomery_zip(www / "MontgomerySet.zip")
+    urls = [f"{url}/moved/MontgomerySet.zip", f"{url}/MontgomerySet.zip"]
+    assert L.download_montgomery(tmp_path / "data", urls=urls, expected_images=2).is_dir()
+    assert CountingHandler.requests == ["/moved/MontgomerySet.zip", "/MontgomerySet.zip"]
+
+
+def test_interrupted_extraction_never_looks_complete(tmp_path, monkeypatch):
+    archive = tmp_path / "MontgomerySet.zip"
+    montgomery_zip(archive)
+    target = tmp_path / "data"
+    original = zipfile.ZipFile._extract_member  # what extractall calls for each member
+
+    def extract_one_then_die(self, member, targetpath, pwd):
+        if any(Path(targetpath).rglob("*.png")):
+            raise KeyboardInterrupt
+        return original(self, member, targetpath, pwd)
+
+    monkeypatch.setattr(zipfile.ZipFile, "_extract_member", extract_one_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        L.safe_extract(archive, target)
+    assert not (target / "MontgomerySet").exists() and not list(target.glob(".extracting-*"))
+    monkeypatch.setattr(zipfile.ZipFile, "_extract_member", original)
+    # a run killed outright leaves its hidden staging folder: it is never taken for data, and is cleaned next time
+    stale = target / ".extracting-killed" / "MontgomerySet" / "CXR_png"
+    stale.mkdir(parents=True)
+    (stale / "MCUCXR_0000_0.png").write_bytes(png_bytes(np.zeros((64, 64), np.uint8)))
+    with pytest.raises(L.LungsegDataError, match="No chest X-rays found"):
+        L.find_data_dir(target)
+    L.safe_extract(archive, target)
+    assert not (target / ".extracting-killed").exists() and len(L.build_pairs_table(target)) == 2
+
+
+def test_zip_bomb_is_refused_by_the_size_cap(tmp_path):
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("MontgomerySet/CXR_png/huge.png", b"\0" * (20 * 2**20))
+    assert archive.stat().st_size < 100_000
+    with pytest.raises(L.LungsegDataError, match=r"would unpack to 0\.0 GiB, over the cap"):
+        L.safe_extract(archive, tmp_path / "out", max_bytes=2**20)
+    assert not (tmp_path / "out" / "MontgomerySet").exists()
+
+
+def test_existing_folders_are_never_overwritten_by_extraction(tmp_path):
+    archive = tmp_path / "MontgomerySet.zip"
+    montgomery_zip(archive)
+    mine = tmp_path / "data" / "MontgomerySet"
+    mine.mkdir(parents=True)
+    (mine / "my-notes.txt").write_text("keep me")
+    with pytest.raises(L.LungsegDataError, match="already exists and is never overwritten"):
+        L.safe_extract(archive, tmp_path / "data")
+    assert (mine / "my-notes.txt").read_text() == "keep me"
+
+
+def test_kaggle_set_is_preferred_over_the_nlm_montgomery_set(tmp_path, capsys):
+    from conftest import write_kaggle_layout
+
+    data = tmp_path / "data"
+    kaggle = write_kaggle_layout(data / "chest-xray-masks-and-labels")
+    L.safe_extract(_zip_in(tmp_path), data)
+    L._announced_choices.clear()
+    assert L.find_data_dir(data) == kaggle
+    said = capsys.readouterr().out
+    assert "using the Kaggle set" in said and "MontgomerySet" in said
+    assert L.find_data_dir(data) == kaggle and capsys.readouterr().out == "", "said once"
+    assert len(L.build_pairs_table(data)) == 9, "all Kaggle images, not the 2 of the NLM set"
+    write_kaggle_layout(data / "second-copy")
+    with pytest.raises(L.LungsegDataError, match=r"two Kaggle-layout data sets: .*chest-xray-masks-and-labels.* and .*second-copy"):
+        L.find_data_dir(data)
+
+
+def _zip_in(folder: Path) -> Path:
+    archive = folder / "MontgomerySet.zip"
+    montgomery_zip(archive)
+    return archive

@@ -1,6 +1,7 @@
 """Model building and weights, the loss, the metrics, training with resume, inference and the CLI."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -378,30 +379,64 @@ def small_checkpoint(tmp_path_factory) -> Path:
     return run / "best.pt"
 
 
-def test_predict_any_input_returns_original_size(small_checkpoint, real_data_dir, tmp_path):
-    model = L.load_checkpoint(small_checkpoint)
-    assert L.model_image_size(model) == 64
+def textured_image(size: int = 64) -> np.ndarray:
+    """A smooth random 8-bit image spanning 0..255 (a random network's output varies over it)."""
+    noise = (np.random.default_rng(0).random((size, size)) * 255).astype(np.uint8)
+    return cv2.normalize(cv2.GaussianBlur(noise, (7, 7), 3), None, 0, 255, cv2.NORM_MINMAX)
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    torch.manual_seed(0)
+    model = L.build_model("resnet18", weights=None).eval()
+    model.lungseg_config["image_size"] = 64
+    return model
+
+
+def test_predict_uses_the_imagenet_normalisation(random_model):
+    """predict_proba must equal the model on (x / 255 - mean) / std; wrong normalisations differ by far more."""
+    gray = textured_image()
+    mean, std = torch.tensor(L.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(L.IMAGENET_STD).view(3, 1, 1)
+    pixels = torch.from_numpy(gray).float()[None].repeat(3, 1, 1)
+
+    def model_on(tensor: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return torch.sigmoid(random_model(tensor[None]))[0, 0].numpy()
+
+    expected = model_on((pixels / 255 - mean) / std)
+    actual = L.predict_proba(random_model, gray)
+    tolerance = 0.02  # bf16 autocast on the CPU
+    assert np.abs(actual - expected).max() < tolerance
+    for wrong in ((pixels - mean) / std, pixels / 255, (pixels / 255 - 0.5) / 0.25):
+        assert np.abs(model_on(wrong) - expected).max() > 3 * tolerance, "the check must be able to fail"
+
+
+def test_predict_any_input_kind_gives_the_same_probabilities(random_model, real_data_dir):
     image_path = next((real_data_dir / "Lung Segmentation" / "CXR_png").glob("MCUCXR_*.png"))
-    gray = L.read_xray(image_path)
+    gray = L.decode_image(image_path)
+    reference = L.predict_proba(random_model, gray)
+    assert reference.shape == gray.shape and reference.std() > 0.01
     variants = {
         "path": image_path,
-        "gray": gray,
-        "non-square": cv2.resize(gray, (300, 410)),
+        "bytes": image_path.read_bytes(),
         "16-bit": gray.astype(np.uint16) * 257,
         "rgb": np.dstack([gray] * 3),
         "rgba": np.dstack([gray] * 3 + [np.full_like(gray, 255)]),
     }
-    reference = L.predict(model, gray)
     for name, image in variants.items():
-        mask = L.predict(model, image)
-        expected = (410, 300) if name == "non-square" else gray.shape
-        assert mask.shape == expected and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}, name
-        if name in ("path", "16-bit", "rgb", "rgba"):
-            assert (mask == reference).mean() > 0.99, name
-    corrupt = tmp_path / "corrupt.png"
-    corrupt.write_bytes(b"garbage")
-    with pytest.raises(L.LungsegDataError, match=r"corrupt\.png: cannot be decoded"):
-        L.predict(model, corrupt)
+        np.testing.assert_allclose(L.predict_proba(random_model, image), reference, atol=1e-6, err_msg=name)
+    mask = L.predict(random_model, cv2.resize(gray, (300, 410)))
+    assert mask.shape == (410, 300) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    with pytest.raises(L.LungsegDataError, match="array: 20x20 px is too small"):
+        L.predict(random_model, np.zeros((20, 20), np.uint8))
+
+
+def test_predict_arrays_moves_the_model_to_the_device(random_model, monkeypatch):
+    moved = []
+    original = random_model.to
+    monkeypatch.setattr(random_model, "to", lambda *args, **kwargs: moved.append(args) or original(*args, **kwargs))
+    L.predict_arrays(random_model, textured_image()[None], device="cpu")
+    assert moved and torch.device(moved[0][0]) == torch.device("cpu")
 
 
 def test_postprocess_keeps_two_largest_and_fills_holes():
@@ -413,38 +448,61 @@ def test_postprocess_keeps_two_largest_and_fills_holes():
     assert cv2.connectedComponents(cleaned)[0] - 1 == 2
 
 
-def test_overlays_are_rgb_pictures():
+def test_overlay_colours_at_known_pixels():
     image = np.full((64, 64), 100, np.uint8)
-    mask = lung_mask() // 255
-    picture = L.overlay(image, mask)
-    assert picture.shape == (64, 64, 3) and (picture[mask == 0] == 100).mean() > 0.9
-    errors = L.error_overlay(image, np.roll(mask, 3, axis=1), mask)
-    assert errors.shape == (64, 64, 3) and errors[..., 0].max() > errors[..., 2].min()
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 1
+    picture = L.overlay(image, mask, color=(0, 200, 0), alpha=0.4)
+    assert picture.shape == (64, 64, 3) and picture.dtype == np.uint8
+    assert tuple(picture[32, 32]) == (60, 140, 60), "inside: 60% gray + 40% green"
+    assert tuple(picture[16, 32]) == (0, 200, 0), "outline in the pure colour"
+    assert tuple(picture[2, 2]) == (100, 100, 100), "outside untouched"
 
 
-def test_evaluate_scores_at_both_resolutions(small_checkpoint, real_data_dir):
-    model = L.load_checkpoint(small_checkpoint)
-    rows = L.labeled_only(L.build_pairs_table(real_data_dir)).iloc[:2]
-    scores = L.evaluate(model, rows)
-    for column in ("dice", "iou", "hd95", "dice_orig", "iou_orig", "hd95_orig"):
-        assert column in scores and len(scores[column]) == 2
-    assert scores.attrs["probs"].shape == (2, 64, 64)
-    assert ((scores.dice >= 0) & (scores.dice <= 1)).all()
+def test_error_overlay_colours_at_known_pixels():
+    image = np.full((64, 64), 100, np.uint8)
+    truth = np.zeros((64, 64), np.uint8)
+    truth[10:30, 10:30] = 1
+    pred = np.roll(truth, 10, axis=1)  # columns 20..39
+    errors = L.error_overlay(image, pred, truth, alpha=0.5)
+    assert tuple(errors[20, 25]) == (50, 140, 50), "true positive: green"
+    assert tuple(errors[20, 35]) == (165, 65, 65), "false positive: red"
+    assert tuple(errors[20, 15]) == (70, 95, 177), "false negative: blue"
+    assert tuple(errors[50, 50]) == (100, 100, 100), "true negative: untouched"
 
 
-# ---------------------------------------------------------------- command line
-def test_cli_help_and_predict(small_checkpoint, real_data_dir, tmp_path):
-    help_text = subprocess.run([sys.executable, str(REPO / "lungseg_utils.py"), "predict", "--help"], capture_output=True, text=True, check=True)
-    assert "--checkpoint" in help_text.stdout
-    image = next((real_data_dir / "Lung Segmentation" / "CXR_png").glob("CHNCXR_*.png"))
-    command = [sys.executable, str(REPO / "lungseg_utils.py"), "predict", str(image), "--checkpoint", str(small_checkpoint), "--out", str(tmp_path / "out")]
-    subprocess.run(command, check=True, capture_output=True)
-    written = cv2.imread(str(tmp_path / "out" / f"{image.stem}_mask.png"), cv2.IMREAD_UNCHANGED)
-    assert written.shape == L.read_xray(image).shape and set(np.unique(written)) <= {0, 255}
-    again = subprocess.run(command, capture_output=True, text=True)
-    assert again.returncode != 0 and "--force" in again.stderr
+class ThresholdModel(torch.nn.Module):
+    """A stand-in network that predicts lung wherever the input is bright: its masks are known exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+        self.lungseg_config = {"image_size": 64}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x[:, :1] > 0).float() * 20 - 10
 
 
+def test_evaluate_matches_known_dice_iou_and_hd95(tmp_path):
+    base = tmp_path / "Lung Segmentation"
+    (base / "CXR_png").mkdir(parents=True)
+    (base / "masks").mkdir()
+    truth = np.zeros((64, 64), np.uint8)
+    truth[20:40, 20:40] = 255
+    predicted = {"MCUCXR_0001_0": truth, "MCUCXR_0002_0": np.roll(truth, 4, axis=1), "MCUCXR_0003_1": np.zeros_like(truth)}
+    for name, bright in predicted.items():
+        cv2.imwrite(str(base / "CXR_png" / f"{name}.png"), np.where(bright > 0, 220, 20).astype(np.uint8))
+        cv2.imwrite(str(base / "masks" / f"{name}.png"), truth)
+    scores = L.evaluate(ThresholdModel(), L.labeled_only(L.build_pairs_table(tmp_path)))
+    np.testing.assert_allclose(scores.dice, [1.0, 2 * 320 / 800, 0.0], atol=1e-6)
+    np.testing.assert_allclose(scores.iou, [1.0, 320 / 480, 0.0], atol=1e-6)
+    np.testing.assert_allclose(scores.dice_orig, scores.dice, atol=1e-6)
+    assert scores.hd95[0] == 0 and scores.hd95[1] == pytest.approx(4.0) and np.isnan(scores.hd95[2])
+    assert scores.empty_prediction.tolist() == [False, False, True]
+    assert L.summarize_scores(scores.hd95)["missing"] == 1
+
+
+# ---------------------------------------------------------------- finding a model
 def test_find_checkpoint_prefers_argument_then_environment(small_checkpoint, tmp_path, monkeypatch):
     monkeypatch.delenv("LUNGSEG_CHECKPOINT", raising=False)
     monkeypatch.setattr(L, "CHAPTER_RUN_DIR", tmp_path / "nothing-here")
@@ -463,3 +521,36 @@ def test_loaded_checkpoint_describes_itself(small_checkpoint, monkeypatch):
 
 def test_loaded_model_knows_its_checkpoint(small_checkpoint):
     assert L.load_checkpoint(small_checkpoint).lungseg_checkpoint == small_checkpoint
+
+
+def test_quick_fallback_model_folder_is_removed_when_python_exits(tmp_path):
+    """Without a checkpoint the quick model is trained in a temporary folder that lives as long as the process."""
+    from conftest import write_kaggle_layout
+
+    write_kaggle_layout(tmp_path / "data", n=20)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    code = (
+        "import lungseg_utils as L, pathlib\n"
+        "L.CHAPTER_RUN_DIR = pathlib.Path('/nonexistent')\n"
+        "L.RunConfig.for_mode = classmethod(lambda cls, quick=None: cls(image_size=64, epochs=1, max_images=12))\n"
+        f"model, said = L.load_or_train_quick_model({str(tmp_path / 'data')!r})\n"
+        "print('CHECKPOINT', model.lungseg_checkpoint, model.lungseg_checkpoint.is_file())\n"
+        "print('SAID', said)\n"
+    )
+    env = {**os.environ, "TMPDIR": str(scratch), "LUNGSEG_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("LUNGSEG_CHECKPOINT", None)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = next(l for l in result.stdout.splitlines() if l.startswith("CHECKPOINT"))
+    assert line.endswith("True") and str(scratch) in line, "best.pt exists while the process runs"
+    assert "quick-mode model trained just now" in result.stdout
+    assert not list(scratch.iterdir()), "the temporary run folder is removed at exit"
+
+
+def test_hub_check_is_bounded_when_name_lookup_hangs(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(L.socket, "getaddrinfo", lambda *args, **kwargs: time.sleep(30))
+    started = time.perf_counter()
+    assert L._hub_reachable(timeout=0.5) is False
+    assert time.perf_counter() - started < 3

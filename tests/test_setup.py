@@ -41,3 +41,37 @@ def test_no_data_or_checkpoints_are_tracked():
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
     bad = [f for f in tracked if f.endswith((".npy", ".npz", ".pt", ".pth", ".zip", ".dcm")) or (f.endswith(".png") and not f.startswith("docs/"))]
     assert not bad, f"data or checkpoints tracked: {bad}"
+
+
+def requirement(name: str):
+    from packaging.requirements import Requirement
+
+    lines = (REPO / "requirements.txt").read_text().splitlines()
+    return next(Requirement(l.split("#")[0]) for l in lines if l.split("#")[0].strip() and Requirement(l.split("#")[0]).name == name)
+
+
+def test_lower_bounds_admit_no_version_without_the_apis_we_use():
+    """pydicom.pixels (apply_voi_lut, apply_modality_lut) arrived in pydicom 3.0; the encoders' Hugging Face
+    repo_id, which build_model reads, and DiceLoss's smooth convention arrived in segmentation-models-pytorch 0.5."""
+    assert "2.4.4" not in requirement("pydicom").specifier and "3.0.0" in requirement("pydicom").specifier
+    smp_range = requirement("segmentation-models-pytorch").specifier
+    assert "0.4.0" not in smp_range and "0.5.0" in smp_range
+    import pydicom.pixels  # noqa: F401  (the API the decoder uses)
+    import segmentation_models_pytorch as smp
+
+    assert "repo_id" in smp.encoders.encoders["resnet34"]["pretrained_settings"]["imagenet"]
+
+
+def test_installed_versions_satisfy_the_requirements():
+    from importlib.metadata import version
+
+    lines = [l.split("#")[0].strip() for l in (REPO / "requirements.txt").read_text().splitlines()]
+    for line in filter(None, lines):
+        req = requirement(re.split(r"[<>=!~]", line)[0])
+        assert version(req.name) in req.specifier, f"{req.name} {version(req.name)} is outside {req.specifier}"
+
+
+def test_every_cell_has_a_time_limit():
+    makefile = (REPO / "Makefile").read_text()
+    assert "--nbval-cell-timeout=" in makefile and "timeout=-1" not in makefile
+    assert re.search(r"ExecutePreprocessor\.timeout=\d+", makefile)
