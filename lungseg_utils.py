@@ -109,7 +109,11 @@ MIN_IMAGE_SIDE = 32
 DATA_HELP = (
     "Get the data in one of these ways:\n"
     "  * run `python lungseg_utils.py download` (needs internet; uses kagglehub for the\n"
-    "    Kaggle 'Chest X-Ray Masks and Labels' set), or\n"
+    "    Kaggle 'Chest X-Ray Masks and Labels' set, with your Kaggle API token: the file\n"
+    "    ~/.kaggle/kaggle.json, or KAGGLE_USERNAME and KAGGLE_KEY in the environment, or on\n"
+    "    Colab both names as secrets in the key panel), or\n"
+    "  * run `python lungseg_utils.py download --montgomery` for the NLM Montgomery set alone\n"
+    "    (138 X-rays, no credentials needed), or\n"
     "  * download https://www.kaggle.com/datasets/" + KAGGLE_DATASET + " by hand and unzip it, then\n"
     "  * point the environment variable LUNGSEG_DATA_DIR at the folder that holds\n"
     "    'Lung Segmentation/' (or at that folder itself), or put it under data/ in the repository."
@@ -173,11 +177,18 @@ def seed_everything(seed: int = SEED) -> None:
     """Seed Python, NumPy and torch (CPU and GPU) so that runs repeat.
 
     Albumentations keeps its own generator: :func:`train` seeds it each epoch
-    with ``Compose.set_random_seed``.
+    with ``Compose.set_random_seed`` (and :func:`seed_worker` in DataLoader workers).
+    On a GPU it also makes cuDNN choose deterministic convolution algorithms
+    and stop benchmarking them: repeatable runs, at a cost of a few percent of
+    speed (cuDNN's autotuner would otherwise pick the fastest kernel per shape,
+    and the pick can differ between runs). A few CUDA kernels use atomic
+    additions, so GPU runs can still differ in the last digits.
     """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def library_versions() -> dict[str, str]:
@@ -203,9 +214,15 @@ def pick_device(preferred: str | None = None) -> torch.device:
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The mixed-precision dtype for ``device``: bf16 where supported, fp16 on older GPUs, else None."""
+    """The mixed-precision dtype for ``device``, or None for fp32.
+
+    CUDA: bf16 from compute capability 8.0 (Ampere) on; below it (T4, V100) fp16,
+    which :func:`train` pairs with a GradScaler. ``torch.cuda.is_bf16_supported()``
+    is not used: it reports True on older GPUs, which only emulate bf16.
+    """
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
         return torch.bfloat16
     return None

@@ -554,3 +554,18 @@ def test_hub_check_is_bounded_when_name_lookup_hangs(monkeypatch):
     started = time.perf_counter()
     assert L._hub_reachable(timeout=0.5) is False
     assert time.perf_counter() - started < 3
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((7, 0), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_gpu_precision_follows_compute_capability(monkeypatch, capability, expected):
+    """A T4 (7.5) or V100 (7.0) gets fp16, whatever is_bf16_supported() claims; Ampere (8.0) and newer get bf16."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert L.autocast_dtype(torch.device("cuda")) == expected
+
+
+def test_seeding_asks_cudnn_for_repeatable_algorithms(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    L.seed_everything(1)
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark

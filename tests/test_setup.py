@@ -75,3 +75,12 @@ def test_every_cell_has_a_time_limit():
     makefile = (REPO / "Makefile").read_text()
     assert "--nbval-cell-timeout=" in makefile and "timeout=-1" not in makefile
     assert re.search(r"ExecutePreprocessor\.timeout=\d+", makefile)
+
+
+def test_data_folder_tracks_only_its_readme():
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files", "data"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    assert tracked == ["data/README.md"]
+    ignored = subprocess.run(["git", "check-ignore", "-q", "data/chest-xray-masks-and-labels/x.png"], cwd=REPO)
+    assert ignored.returncode == 0, "files under data/ must be ignored"
