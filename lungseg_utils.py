@@ -60,7 +60,7 @@ import warnings
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -1336,15 +1336,22 @@ def hausdorff95(pred: np.ndarray, target: np.ndarray) -> float:
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run (stored in every checkpoint)."""
+    """Everything that defines a training run (stored in every checkpoint).
+
+    The defaults are chapter 03's recipe, the one behind the stored results:
+    trained from scratch (``weights=None``), Adam at 1e-3 with a one-cycle
+    schedule, 20 epochs at 256 px, batch 8, early stopping after 5 epochs without
+    a better validation loss. ImageNet initialisation is an explicit choice
+    (``weights="imagenet"``) that needs its own learning rate and gives other numbers.
+    """
 
     encoder: str = "resnet34"
-    weights: str | None = "imagenet"
+    weights: str | None = None
     image_size: int = 256
     epochs: int = 20
     batch_size: int = 8
-    lr: float = 1e-4
-    schedule: str = "constant"  # or "onecycle"
+    lr: float = 1e-3
+    schedule: str = "onecycle"  # or "constant"
     patience: int = 5
     seed: int = SEED
     rotate_limit: float = 35
@@ -1722,7 +1729,7 @@ def seed_worker(worker_id: int) -> None:
 
 
 def train_config_for_mode(quick: bool | None = None, **overrides) -> TrainConfig:
-    """The TrainConfig of a full run, or of the quick CI run (small size, two epochs)."""
+    """Chapter 03's recipe (the :class:`TrainConfig` defaults) for a full run, or for the quick CI run (small size, two epochs)."""
     run = RunConfig.for_mode(quick)
     values = dict(image_size=run.image_size, epochs=run.epochs, batch_size=run.batch_size, patience=run.patience)
     values.update(overrides)
@@ -1730,39 +1737,77 @@ def train_config_for_mode(quick: bool | None = None, **overrides) -> TrainConfig
 
 
 CHAPTER_RUN_DIR = REPO_DIR / "runs" / "dicebce-256px"
+# Where a Colab learner may keep chapter 03's checkpoint between sessions (only if they mount Google Drive).
+DRIVE_CHECKPOINT = Path("/content/drive/MyDrive/lungseg/dicebce-256px/best.pt")
 
 
 def find_checkpoint(path: str | os.PathLike | None = None) -> Path | None:
-    """The trained model the later chapters use: ``path``, else ``$LUNGSEG_CHECKPOINT``,
-    else ``runs/dicebce-256px/best.pt`` (written by chapter 03); None when there is none."""
-    candidate = Path(path or os.environ.get("LUNGSEG_CHECKPOINT") or CHAPTER_RUN_DIR / "best.pt")
-    return candidate if candidate.is_file() else None
+    """The trained model the later chapters use, or None when there is none.
+
+    ``path`` if given, else ``$LUNGSEG_CHECKPOINT``, else ``runs/dicebce-256px/best.pt``
+    (written by chapter 03), else the Google Drive copy on Colab (:data:`DRIVE_CHECKPOINT`).
+    """
+    if path or os.environ.get("LUNGSEG_CHECKPOINT"):
+        candidates = [Path(path or os.environ["LUNGSEG_CHECKPOINT"])]
+    else:
+        candidates = [CHAPTER_RUN_DIR / "best.pt", DRIVE_CHECKPOINT]
+    return next((candidate for candidate in candidates if candidate.is_file()), None)
 
 
-def load_or_train_quick_model(
+QUICK_MODEL_BANNER = """
++------------------------------------------------------------------------------------------+
+| NO TRAINED MODEL FOUND: training a QUICK model instead ({details}).
+| Its scores are NOT the stored ones and its masks are rough; it only lets the code run.
+| To get the real model: run chapter 03 (about 30 minutes on a CPU, minutes on a GPU), or
+| set LUNGSEG_CHECKPOINT to its best.pt, or on Colab keep it in Google Drive at
+| MyDrive/lungseg/dicebce-256px/best.pt (mount Drive first).
++------------------------------------------------------------------------------------------+
+"""
+
+
+def describe_model(model: nn.Module, checkpoint: Path) -> str:
+    """One line saying which checkpoint a model comes from and how it was trained."""
+    c = model.lungseg_config
+    initial = "random init" if c["weights_loaded"] in ("None", None) else c["weights_loaded"]
+    return (f"checkpoint {checkpoint.parent.name}/{checkpoint.name}: {c['encoder']} U-Net, {c['image_size']}px, "
+            f"Adam lr {c['lr']} ({c['schedule']}), best epoch {c['epoch']} of up to {c['epochs']}, "
+            f"initial encoder weights: {initial}")
+
+
+def load_chapter_model(
     data_dir: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None
 ) -> tuple[nn.Module, str]:
-    """Load chapter 03's checkpoint; if there is none, say so and train the quick-mode model.
+    """Chapter 03's model for the chapters that use it, never silently replaced by another.
 
-    Returns the model and one line describing where it comes from, so that a
-    chapter runs on its own in a fresh kernel even before chapter 03 has run.
+    Loads the checkpoint of :func:`find_checkpoint`. Without one: on a CUDA GPU
+    it trains chapter 03's recipe into ``runs/dicebce-256px`` (a few minutes) and
+    says so; elsewhere it prints a banner and trains the quick-mode model, whose
+    scores are not the stored ones. Returns the model and one line saying where
+    it comes from.
     """
     found = find_checkpoint(checkpoint)
     if found is not None:
         model = load_checkpoint(found, pick_device())
-        c = model.lungseg_config
-        initial = "random init" if c["weights_loaded"] in ("None", None) else c["weights_loaded"]
-        return model, (f"checkpoint {found.parent.name}/{found.name}: {c['encoder']} U-Net, {c['image_size']}px, "
-                       f"Adam lr {c['lr']} ({c['schedule']}), best epoch {c['epoch']} of up to {c['epochs']}, "
-                       f"initial encoder weights: {initial}")
-    print("No trained checkpoint found (run chapter 03, or set LUNGSEG_CHECKPOINT). Training the quick-mode model now ...")
+        return model, describe_model(model, found)
+    device = pick_device()
+    split = three_way_split(build_pairs_table(data_dir))
+    if device.type == "cuda":
+        config = train_config_for_mode(quick=False)
+        print(f"No trained checkpoint found: training chapter 03's recipe on this GPU now ({config.epochs} epochs "
+              f"at {config.image_size}px, a few minutes) into runs/{CHAPTER_RUN_DIR.name}/.")
+        result = train(load_arrays(split["train"], config.image_size), load_arrays(split["val"], config.image_size),
+                       CHAPTER_RUN_DIR, config, resume=(CHAPTER_RUN_DIR / "last.pt").is_file())
+        best = CHAPTER_RUN_DIR / "best.pt"
+        return result.model, describe_model(result.model, best) + " (trained just now by this chapter)"
     run = RunConfig.for_mode(quick=True)
-    split = quick_subset(three_way_split(build_pairs_table(data_dir)), run.max_images)
-    config = train_config_for_mode(quick=True, weights=None, lr=1e-3, schedule="onecycle")
+    split = quick_subset(split, run.max_images)
+    config = train_config_for_mode(quick=True)
+    details = f"{len(split['train'])} images, {config.image_size}px, {config.epochs} epochs, on the {device.type.upper()}"
+    print(QUICK_MODEL_BANNER.format(details=details))
     folder = Path(tempfile.mkdtemp(prefix="lungseg-quick-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # kept while this process may still use best.pt
     result = train(load_arrays(split["train"], config.image_size), load_arrays(split["val"], config.image_size), folder / "run", config)
-    return result.model, f"quick-mode model trained just now ({len(split['train'])} images, {config.image_size}px, {config.epochs} epochs): for trying the code, not for its scores"
+    return result.model, f"quick-mode model trained just now ({details}): for trying the code, not for its scores"
 
 
 def unique_run_dir(base: str | os.PathLike = REPO_DIR / "runs", prefix: str = "run") -> Path:
@@ -2073,9 +2118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer.add_argument("--out", default=None, help="new run folder (default runs/run-<time>)")
     trainer.add_argument("--size", type=int, default=None)
     trainer.add_argument("--epochs", type=int, default=None)
-    trainer.add_argument("--lr", type=float, default=1e-4)
-    trainer.add_argument("--schedule", default="constant", choices=["constant", "onecycle"])
-    trainer.add_argument("--weights", default="imagenet", help="imagenet, none or a weights file")
+    trainer.add_argument("--lr", type=float, default=TrainConfig.lr, help=f"peak learning rate (default {TrainConfig.lr})")
+    trainer.add_argument("--schedule", default=TrainConfig.schedule, choices=["constant", "onecycle"])
+    trainer.add_argument("--weights", default="none", help="none (default: from scratch, as chapter 03), imagenet or a weights file")
     trainer.add_argument("--quick", action="store_true")
     trainer.add_argument("--resume", action="store_true")
     predictor = commands.add_parser("predict", help="segment X-rays and write PNG masks")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import cv2
@@ -514,7 +515,7 @@ def test_find_checkpoint_prefers_argument_then_environment(small_checkpoint, tmp
 
 def test_loaded_checkpoint_describes_itself(small_checkpoint, monkeypatch):
     monkeypatch.setenv("LUNGSEG_CHECKPOINT", str(small_checkpoint))
-    model, description = L.load_or_train_quick_model()
+    model, description = L.load_chapter_model()
     assert model.lungseg_config["weights_loaded"] == "None" and model.lungseg_config["epoch"] == 1
     assert "initial encoder weights: random init" in description and "resnet18" in description
 
@@ -534,7 +535,7 @@ def test_quick_fallback_model_folder_is_removed_when_python_exits(tmp_path):
         "import lungseg_utils as L, pathlib\n"
         "L.CHAPTER_RUN_DIR = pathlib.Path('/nonexistent')\n"
         "L.RunConfig.for_mode = classmethod(lambda cls, quick=None: cls(image_size=64, epochs=1, max_images=12))\n"
-        f"model, said = L.load_or_train_quick_model({str(tmp_path / 'data')!r})\n"
+        f"model, said = L.load_chapter_model({str(tmp_path / 'data')!r})\n"
         "print('CHECKPOINT', model.lungseg_checkpoint, model.lungseg_checkpoint.is_file())\n"
         "print('SAID', said)\n"
     )
@@ -569,3 +570,60 @@ def test_seeding_asks_cudnn_for_repeatable_algorithms(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
     L.seed_everything(1)
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+
+
+def fake_train(calls: list):
+    """A stand-in for train() that records its arguments and returns a tiny model."""
+    def train(train_arrays, val_arrays, run_dir, config, resume=False, **kwargs):
+        calls.append(dict(run_dir=Path(run_dir), config=config, n_train=len(train_arrays[0]), resume=resume))
+        model = L.build_model("resnet18", weights=None)
+        model.lungseg_config.update(asdict(config), weights_loaded="None", epoch=config.epochs)
+        return L.TrainResult(model, pd.DataFrame(), Path(run_dir), config.epochs, 0.1, 1.0, "simulated")
+    return train
+
+
+@pytest.fixture
+def no_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.delenv("LUNGSEG_CHECKPOINT", raising=False)
+    monkeypatch.setattr(L, "CHAPTER_RUN_DIR", tmp_path / "runs" / "dicebce-256px")
+    monkeypatch.setattr(L, "DRIVE_CHECKPOINT", tmp_path / "drive" / "best.pt")
+    monkeypatch.setattr(L, "load_arrays", lambda rows, size, *a, **k: (np.zeros((len(rows), size, size), np.uint8),) * 2)
+    calls = []
+    monkeypatch.setattr(L, "train", fake_train(calls))
+    return calls
+
+
+def test_without_checkpoint_a_gpu_trains_chapter_03s_recipe_and_says_so(no_checkpoint, monkeypatch, real_data_dir, capsys):
+    monkeypatch.setattr(L, "pick_device", lambda preferred=None: torch.device("cuda"))
+    model, said = L.load_chapter_model(real_data_dir)
+    call = no_checkpoint[0]
+    assert call["run_dir"] == L.CHAPTER_RUN_DIR and call["n_train"] == 492
+    assert (call["config"].image_size, call["config"].epochs, call["config"].weights, call["config"].lr) == (256, 20, None, 1e-3)
+    assert "training chapter 03's recipe on this GPU now" in capsys.readouterr().out
+    assert "trained just now by this chapter" in said
+
+
+def test_without_checkpoint_a_cpu_shows_a_banner_and_trains_the_quick_model(no_checkpoint, monkeypatch, real_data_dir, capsys):
+    monkeypatch.setattr(L, "pick_device", lambda preferred=None: torch.device("cpu"))
+    model, said = L.load_chapter_model(real_data_dir)
+    call = no_checkpoint[0]
+    assert (call["config"].image_size, call["config"].epochs) == (128, 2) and call["n_train"] < 100
+    out = capsys.readouterr().out
+    assert "NO TRAINED MODEL FOUND" in out and "NOT the stored ones" in out and "run chapter 03" in out
+    assert said.startswith("quick-mode model trained just now")
+
+
+def test_a_checkpoint_in_google_drive_is_found(no_checkpoint, small_checkpoint, monkeypatch):
+    import shutil
+
+    L.DRIVE_CHECKPOINT.parent.mkdir(parents=True)
+    shutil.copy(small_checkpoint, L.DRIVE_CHECKPOINT)
+    assert L.find_checkpoint() == L.DRIVE_CHECKPOINT
+    model, said = L.load_chapter_model()
+    assert said.startswith("checkpoint drive/best.pt") and not no_checkpoint, "nothing is trained"
+
+
+def test_the_default_config_is_chapter_03s_recipe():
+    config = L.TrainConfig()
+    assert (config.weights, config.lr, config.schedule, config.epochs, config.image_size, config.batch_size, config.patience) == (
+        None, 1e-3, "onecycle", 20, 256, 8, 5)
