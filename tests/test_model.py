@@ -627,3 +627,17 @@ def test_the_default_config_is_chapter_03s_recipe():
     config = L.TrainConfig()
     assert (config.weights, config.lr, config.schedule, config.epochs, config.image_size, config.batch_size, config.patience) == (
         None, 1e-3, "onecycle", 20, 256, 8, 5)
+
+
+@pytest.mark.parametrize("flags, native", [("fpu avx avx2", False), ("avx2 avx512f avx512_bf16", True), ("avx2 amx_bf16 amx_tile", True)])
+def test_cpu_bf16_only_where_native(tmp_path, monkeypatch, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert L.cpu_has_native_bf16(cpuinfo) is native
+    monkeypatch.setattr(L, "cpu_has_native_bf16", lambda: native)
+    assert L.autocast_dtype(torch.device("cpu")) == (torch.bfloat16 if native else None)
+    assert L.autocast_dtype(torch.device("mps")) is None
+
+
+def test_missing_cpuinfo_means_fp32(tmp_path):
+    assert L.cpu_has_native_bf16(tmp_path / "no-such-file") is False
