@@ -757,8 +757,7 @@ def _check_file(source: str | os.PathLike | bytes, name: str) -> None:
         return
     path = Path(source)
     if not path.exists():
-        raise LungsegDataError(f"{name}: not found. Check the path (it is relative to {Path.cwd().name}/ "
-                               "unless it starts with /).")
+        raise LungsegDataError(f"{name}: not found. Check the file name and its folder.")
     if path.is_dir():
         raise LungsegDataError(f"{name}: is a folder, not an image file. Give the image files inside it.")
     if path.stat().st_size == 0:
@@ -791,7 +790,7 @@ def _open_raster(source: str | os.PathLike | bytes, name: str, max_pixels: int |
         except UnidentifiedImageError:
             raise LungsegDataError(
                 f"{name}: cannot be read as an image: it is not PNG, JPEG, TIFF, BMP or DICOM, or it is corrupt. "
-                "Replace it with a valid file (for the data set: download it again)."
+                "Replace it with a valid image file (for the data set, download it again)."
             ) from None
         except (OSError, SyntaxError, ValueError) as error:
             raise LungsegDataError(f"{name}: corrupt image header ({error}). Copy or download the file again.") from None
@@ -2111,7 +2110,8 @@ def _cli_predict(args: argparse.Namespace) -> int:
                 raise LungsegError(f"could not write {target}; check that the folder is writable.")
         except LungsegError as error:
             failed += 1
-            print(f"FAILED {image_path}: {error}", file=sys.stderr)
+            reason = str(error).removeprefix(f"{image_path}: ")  # most messages start with the file name
+            print(f"FAILED {image_path}: {reason}", file=sys.stderr)
             continue
         except Exception as error:  # a batch goes on; the reason is still named
             failed += 1
