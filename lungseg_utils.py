@@ -1820,10 +1820,20 @@ def load_chapter_model(
     config = train_config_for_mode(quick=True)
     details = f"{len(split['train'])} images, {config.image_size}px, {config.epochs} epochs, on the {device.type.upper()}"
     print(QUICK_MODEL_BANNER.format(details=details))
-    folder = Path(tempfile.mkdtemp(prefix="lungseg-quick-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # kept while this process may still use best.pt
-    result = train(load_arrays(split["train"], config.image_size), load_arrays(split["val"], config.image_size), folder / "run", config)
+    result = train(load_arrays(split["train"], config.image_size), load_arrays(split["val"], config.image_size),
+                   temporary_run_dir(), config)
     return result.model, f"quick-mode model trained just now ({details}): for trying the code, not for its scores"
+
+
+def temporary_run_dir(prefix: str = "lungseg-quick-") -> Path:
+    """A new run folder in the system's temporary folder, removed when Python exits (for quick runs).
+
+    It lives as long as the process, so that a model's ``best.pt`` stays usable
+    (e.g. by the command line) until the notebook or script ends.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder / "run"
 
 
 def unique_run_dir(base: str | os.PathLike = REPO_DIR / "runs", prefix: str = "run") -> Path:
