@@ -202,6 +202,15 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def print_config(device: torch.device | None = None) -> None:
+    """Print the versions and the device a chapter runs with (in the spirit of MONAI's ``print_config``)."""
+    device = device or pick_device()
+    versions = library_versions()
+    print(" | ".join(f"{name} {version}" for name, version in versions.items()))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"device: {device} ({name}), mixed precision: {autocast_dtype(device) or 'none (fp32)'}")
+
+
 def pick_device(preferred: str | None = None) -> torch.device:
     """Return ``preferred`` if given, else the best available of cuda, mps and cpu."""
     if preferred:

@@ -641,3 +641,10 @@ def test_cpu_bf16_only_where_native(tmp_path, monkeypatch, flags, native):
 
 def test_missing_cpuinfo_means_fp32(tmp_path):
     assert L.cpu_has_native_bf16(tmp_path / "no-such-file") is False
+
+
+def test_print_config_names_versions_and_device(capsys):
+    L.print_config(torch.device("cpu"))
+    out = capsys.readouterr().out
+    for part in (f"torch {torch.__version__}", f"segmentation_models_pytorch {smp.__version__}", "albumentations ", "numpy ", "python ", "device: cpu"):
+        assert part in out, part

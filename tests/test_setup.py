@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 
+import pytest
 import yaml  # PyYAML comes with jupyter's dependencies
 
+import setup_environment as S
 from conftest import REPO
 
 
@@ -84,3 +88,81 @@ def test_data_folder_tracks_only_its_readme():
     assert tracked == ["data/README.md"]
     ignored = subprocess.run(["git", "check-ignore", "-q", "data/chest-xray-masks-and-labels/x.png"], cwd=REPO)
     assert ignored.returncode == 0, "files under data/ must be ignored"
+
+
+# ---------------------------------------------------------------- the setup cell's installer
+
+
+def fake_environment(versions: dict[str, str]):
+    """find_spec and version lookups for an environment holding exactly ``versions`` (pip names)."""
+    by_import = {S.NOTEBOOK_PACKAGES[name]: version for name, version in versions.items()}
+    return (lambda import_name: object() if import_name in by_import else None), versions.get
+
+
+def all_pinned() -> dict[str, str]:
+    pins = S.read_pins(REPO / "constraints.txt")
+    return {name: pins[name].split("==")[1] for name in S.NOTEBOOK_PACKAGES}
+
+
+def test_nothing_to_install_when_everything_is_there():
+    requirements = S.read_pins(REPO / "requirements.txt")
+    assert S.plan(requirements, *fake_environment(all_pinned())) == ([], ["torch 2.14.1", "torchvision 0.29.1"])
+
+
+def test_missing_and_out_of_range_packages_are_installed_within_the_constraints():
+    requirements = S.read_pins(REPO / "requirements.txt")
+    versions = all_pinned()
+    del versions["segmentation-models-pytorch"]
+    versions["albumentations"] = "1.4.0"  # outside >=2.0,<2.1
+    to_install, kept = S.plan(requirements, *fake_environment(versions))
+    assert sorted(to_install) == ["albumentations", "segmentation-models-pytorch"] and kept == ["torch 2.14.1", "torchvision 0.29.1"]
+    command = S.pip_command(to_install, REPO / "constraints.txt", requirements)
+    assert command[:6] == [sys.executable, "-m", "pip", "install", "-q", "-c"] and "albumentations>=2.0,<2.1" in command
+
+
+def test_colab_torch_is_kept_inside_the_range_and_replaced_outside_it():
+    requirements = S.read_pins(REPO / "requirements.txt")
+    colab = {**all_pinned(), "torch": "2.9.0+cu126", "torchvision": "0.24.0+cu126"}
+    to_install, kept = S.plan(requirements, *fake_environment(colab))
+    assert to_install == [] and kept == ["torch 2.9.0+cu126", "torchvision 0.24.0+cu126"]
+    old = {**all_pinned(), "torch": "2.3.1", "torchvision": "0.18.1"}
+    assert S.plan(requirements, *fake_environment(old))[0] == ["torch", "torchvision"]
+
+
+def test_every_pin_satisfies_the_requirements_and_covers_the_notebook_packages():
+    requirements = S.read_pins(REPO / "requirements.txt")
+    pins = S.read_pins(REPO / "constraints.txt")
+    assert set(requirements) <= set(pins), f"unpinned: {set(requirements) - set(pins)}"
+    for name, requirement in requirements.items():
+        assert S.version_in_range(pins[name].split("==")[1], requirement), pins[name]
+    assert set(S.NOTEBOOK_PACKAGES) <= set(requirements)
+
+
+def test_installer_runs_on_python_3_12_when_available():
+    """Colab runs Python 3.12: the installer must at least plan there (a dry run installs nothing)."""
+    import shutil
+    import subprocess
+
+    candidates = [shutil.which("python3.12"), "/root/.pyenv/versions/3.12.1/bin/python3.12"]
+    python312 = next((c for c in candidates if c and Path(c).exists() and subprocess.run([c, "-V"], capture_output=True).returncode == 0), None)
+    if python312 is None:
+        pytest.skip("no Python 3.12 on this machine")
+    result = subprocess.run([python312, str(REPO / "setup_environment.py"), "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(("would run:", "installed now:"))
+
+
+def test_repository_address_is_the_same_everywhere():
+    """Badges, setup cells and the README name one repository; each badge opens its own notebook."""
+    import json
+
+    addresses = set(re.findall(r"https://github\.com/([\w.-]+/[\w.-]+?)\.git", (REPO / "README.md").read_text()))
+    notebooks = sorted((REPO / "notebooks").glob("[0-9]*.ipynb"))
+    for notebook in notebooks:
+        cells = json.loads(notebook.read_text())["cells"]
+        badge = re.search(r"colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/blob/main/notebooks/([\w.-]+\.ipynb)", "".join(cells[0]["source"]))
+        setup = re.search(r'os\.environ\.get\("LUNGSEG_REPO_URL", "https://github\.com/([\w.-]+/[\w.-]+?)\.git"\)', "".join(cells[1]["source"]))
+        assert badge and setup, notebook.name
+        assert badge.group(2) == notebook.name, f"{notebook.name}'s badge opens {badge.group(2)}"
+        addresses |= {badge.group(1), setup.group(1)}
+    assert len(notebooks) >= 5 and len(addresses) == 1, addresses
