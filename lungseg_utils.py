@@ -530,16 +530,38 @@ def download_kaggle(target: str | os.PathLike | None = None) -> Path:
     return find_data_dir(link)
 
 
-def ensure_data(path: str | os.PathLike | None = None) -> Path:
-    """Find the data (see :func:`find_data_dir`), downloading it from Kaggle if it is missing."""
+def ensure_data(path: str | os.PathLike | None = None, **montgomery_options) -> Path:
+    """Find the data (see :func:`find_data_dir`); if it is missing, download it.
+
+    First the Kaggle set (it needs Kaggle credentials, see :data:`DATA_HELP`);
+    if that fails, the NLM Montgomery set alone (138 X-rays of one hospital, no
+    credentials; ``montgomery_options`` go to :func:`download_montgomery`). Each
+    step is printed; :func:`describe_data` says which data a chapter ran on.
+    """
+    target = Path(path or os.environ.get("LUNGSEG_DATA_DIR") or REPO_DIR / "data").expanduser()
     try:
-        return find_data_dir(path)
-    except LungsegDataError as missing:
-        print(f"{missing}\nTrying to download it now ...")
-        try:
-            return download_kaggle(path)
-        except Exception as failure:  # no internet, no Kaggle credentials, ...
-            raise LungsegDataError(f"Download failed ({failure}).\n{DATA_HELP}") from failure
+        return find_data_dir(target)
+    except LungsegDataError:
+        print(f"No data in {target}: downloading the Kaggle set ...")
+    try:
+        return download_kaggle(target)
+    except LungsegDataError as kaggle_failure:
+        reason = str(kaggle_failure).splitlines()[0]
+        print(f"{reason}\nDownloading the NLM Montgomery set instead (138 X-rays, one hospital, no credentials) ...")
+    try:
+        return download_montgomery(target, **montgomery_options)
+    except Exception as failure:  # no internet either
+        raise LungsegDataError(f"No data could be downloaded ({reason}; Montgomery: {failure}).\n{DATA_HELP}") from failure
+
+
+def describe_data(table: pd.DataFrame) -> str:
+    """One line saying which data a chapter runs on, from :func:`build_pairs_table`'s table."""
+    labeled = table[table["labeled"]]
+    per_source = labeled.groupby("source").size()
+    sources = ", ".join(f"{count} {source}" for source, count in per_source.items())
+    unlabeled = int((~table["labeled"]).sum())
+    kind = "the NLM Montgomery set only (one hospital)" if set(per_source.index) == {"Montgomery"} else "Chest X-Ray Masks and Labels"
+    return f"data: {kind}: {len(table)} X-rays, {len(labeled)} with lung masks ({sources}), {unlabeled} unlabeled"
 
 
 # --------------------------------------------------------------------------

@@ -110,13 +110,34 @@ def test_zip_symlink_member_is_refused(tmp_path):
         L.safe_extract(archive, tmp_path / "out")
 
 
-def test_ensure_data_gives_clear_error_when_download_fails(tmp_path, monkeypatch):
+def test_ensure_data_falls_back_to_montgomery_without_kaggle_credentials(server, tmp_path, monkeypatch, capsys):
+    url, www = server
+    montgomery_zip(www / "MontgomerySet.zip")
+
+    def no_credentials(target=None):
+        raise L.LungsegDataError("Download from Kaggle failed (no credentials).")
+
+    monkeypatch.setattr(L, "download_kaggle", no_credentials)
+    data_dir = L.ensure_data(tmp_path / "data", urls=[f"{url}/MontgomerySet.zip"], expected_images=2)
+    assert data_dir == tmp_path / "data" / "MontgomerySet"
+    said = capsys.readouterr().out
+    assert "no credentials" in said and "Downloading the NLM Montgomery set instead" in said
+    description = L.describe_data(L.build_pairs_table(tmp_path / "data"))
+    assert description == "data: the NLM Montgomery set only (one hospital): 2 X-rays, 2 with lung masks (2 Montgomery), 0 unlabeled"
+
+
+def test_ensure_data_gives_clear_error_when_every_download_fails(tmp_path, monkeypatch):
     def no_internet(target=None):
-        raise OSError("network unreachable")
+        raise L.LungsegDataError("Download from Kaggle failed (network unreachable).")
 
     monkeypatch.setattr(L, "download_kaggle", no_internet)
-    with pytest.raises(L.LungsegDataError, match="(?s)Download failed.*LUNGSEG_DATA_DIR"):
-        L.ensure_data(tmp_path / "empty")
+    with pytest.raises(L.LungsegDataError, match="(?s)No data could be downloaded.*network unreachable.*LUNGSEG_DATA_DIR"):
+        L.ensure_data(tmp_path / "empty", urls=["http://127.0.0.1:9/MontgomerySet.zip"], timeout=2)
+
+
+def test_describe_data_of_the_real_set(real_data_dir):
+    assert L.describe_data(L.build_pairs_table(real_data_dir)) == (
+        "data: Chest X-Ray Masks and Labels: 800 X-rays, 704 with lung masks (138 Montgomery, 566 Shenzhen), 96 unlabeled")
 
 
 def test_archive_that_fails_its_check_is_deleted_and_the_next_call_downloads_again(server, tmp_path):
