@@ -22,7 +22,7 @@ Sections, in order:
 10. Loss: ``DiceBCELoss``.
 11. Metrics: Dice, IoU, HD95, the write-up's batch Dice.
 12. Training and checkpoints: ``train``, ``save_checkpoint``, ``load_checkpoint``.
-13. Inference and figures: ``predict``, overlays, the upload app.
+13. Inference and figures: ``predict``, plausibility warnings (``mask_warnings``), overlays, the upload app.
 14. Evaluation: ``evaluate``, ``summarize_scores``.
 15. Command line.
 
@@ -1598,7 +1598,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
             f"{path}: weights do not fit a U-Net with encoder {config['encoder']!r} "
             f"(checkpoint of another architecture?): {str(error).splitlines()[0]}"
         ) from None
-    model.lungseg_config = {**config, "weights_loaded": payload.get("weights_loaded", "unknown"), "epoch": payload.get("epoch")}
+    model.lungseg_config = {**config, "weights_loaded": payload.get("weights_loaded", "unknown"), "epoch": payload.get("epoch"),
+                            "lung_fraction_range": payload.get("lung_fraction_range")}
     model.lungseg_checkpoint = path
     return model.to(device).eval()
 
@@ -1705,7 +1706,8 @@ def train(
         improved = val_loss < best_val_loss
         if improved:
             best_val_loss, best_epoch, stale = val_loss, epoch, 0
-            save_checkpoint(best_path, model, config, epoch=epoch, val_loss=val_loss, weights_loaded=str(model.lungseg_config["weights"]))
+            save_checkpoint(best_path, model, config, epoch=epoch, val_loss=val_loss, weights_loaded=str(model.lungseg_config["weights"]),
+                            lung_fraction_range=lung_fraction_range(train_arrays[1]))
         else:
             stale += 1
         record = dict(
@@ -1928,13 +1930,82 @@ def model_image_size(model: nn.Module, default: int = 256) -> int:
     return int(getattr(model, "lungseg_config", {}).get("image_size", default))
 
 
+class LungsegWarning(UserWarning):
+    """A mask that looks implausible: check the image and the result before using it."""
+
+
+# Lung fraction (share of the image) of the 704 manual masks at 256 px: min 0.085, max 0.435, here
+# rounded outwards. Used for models whose checkpoint does not record the range of their training masks.
+# With it, 1 of the 704 manual masks draws a warning (CHNCXR_0361_1: three lung-sized regions).
+DEFAULT_LUNG_FRACTION_RANGE = (0.08, 0.44)
+LARGE_REGION_SHARE = 0.01  # a region covering at least 1% of the image counts as a lung-sized region
+
+
+def lung_fraction_range(masks: np.ndarray) -> tuple[float, float]:
+    """Smallest and largest lung fraction among masks ``(N, H, W)``, rounded outwards to 0.01."""
+    fractions = masks.reshape(len(masks), -1).mean(axis=1)
+    return math.floor(fractions.min() * 100) / 100, math.ceil(fractions.max() * 100) / 100
+
+
+def looks_inverted(image: np.ndarray) -> bool:
+    """True when the lung fields are brighter than the mediastinum: a MONOCHROME1 film read as MONOCHROME2.
+
+    In a chest X-ray the spine and heart (central strip) are brighter than the
+    air-filled lung fields on either side. On the 800 X-rays of the data set this
+    test flags none of them and all of their inverted copies (smallest margin 9.5 grey levels).
+    """
+    small = resize_image(to_gray_uint8(image), 256).astype(np.float32)
+    mediastinum = small[64:192, 115:141].mean()
+    fields = np.concatenate([small[64:154, 38:90].ravel(), small[64:154, 166:218].ravel()]).mean()
+    return bool(fields > mediastinum)
+
+
+def mask_warnings(
+    mask: np.ndarray, image: np.ndarray, fraction_range: tuple[float, float] = DEFAULT_LUNG_FRACTION_RANGE
+) -> list[str]:
+    """Reasons to distrust a predicted lung mask (empty list when it looks plausible).
+
+    Checks: the lung fraction lies within ``fraction_range`` (the range of the
+    training masks); at most two lung-sized regions; a lung-sized region on each
+    side of the image; an image that does not look inverted (:func:`looks_inverted`).
+    """
+    reasons = []
+    fraction = float(mask.mean())
+    low, high = fraction_range
+    if not low <= fraction <= high:
+        reasons.append(f"lungs cover {fraction:.1%} of the image, outside the {low:.1%}-{high:.1%} of the training masks")
+    count, _, stats, centroids = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    large = stats[1:, cv2.CC_STAT_AREA] >= LARGE_REGION_SHARE * mask.size
+    if large.sum() > 2:
+        reasons.append(f"{int(large.sum())} lung-sized regions, where a chest has two lungs")
+    xs = centroids[1:, 0][large]
+    for present, side, lung in ((xs < mask.shape[1] / 2, "left", "right"), (xs >= mask.shape[1] / 2, "right", "left")):
+        if not present.any():
+            reasons.append(f"no lung found on the image's {side} side (the patient's {lung} lung)")
+    if looks_inverted(image):
+        reasons.append("the image looks inverted (lung fields brighter than the spine): "
+                       "a MONOCHROME1 X-ray shown as MONOCHROME2? Invert it and try again")
+    return reasons
+
+
+def model_lung_fraction_range(model: nn.Module) -> tuple[float, float]:
+    """The lung fraction range of a model's training masks (from its checkpoint), else the data set's."""
+    stored = getattr(model, "lungseg_config", {}).get("lung_fraction_range")
+    return tuple(stored) if stored else DEFAULT_LUNG_FRACTION_RANGE
+
+
+def _as_gray(image: str | os.PathLike | bytes | np.ndarray) -> np.ndarray:
+    """A file, its bytes or an array of any kind as a size-checked 8-bit gray image."""
+    if isinstance(image, (str, os.PathLike, bytes)):
+        return decode_image(image)
+    gray = to_gray_uint8(np.asarray(image), "array")
+    check_image_size(gray.shape[1], gray.shape[0], "array")
+    return gray
+
+
 def predict_proba(model: nn.Module, image: str | os.PathLike | bytes | np.ndarray, size: int | None = None) -> np.ndarray:
     """Lung probability map at the image's original size, for a file, its bytes or an array of any kind."""
-    if isinstance(image, (str, os.PathLike, bytes)):
-        gray = decode_image(image)
-    else:
-        gray = to_gray_uint8(np.asarray(image), "array")
-        check_image_size(gray.shape[1], gray.shape[0], "array")
+    gray = _as_gray(image)
     size = size or model_image_size(model)
     probs = predict_arrays(model, resize_image(gray, size)[None])[0]
     return cv2.resize(probs, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_LINEAR)
@@ -1946,15 +2017,24 @@ def predict(
     threshold: float = 0.5,
     postprocess: bool = False,
     size: int | None = None,
+    warn: bool = True,
 ) -> np.ndarray:
     """Binary lung mask (0/1 ``uint8``) at the image's original size.
 
     ``image`` is a path, a file's bytes or an array: any size up to the limit of
     :func:`check_image_size`, 8 or 16 bit, gray or RGB(A), or DICOM.
-    ``postprocess`` keeps the two largest regions and fills holes.
+    ``postprocess`` keeps the two largest regions and fills holes. With ``warn``,
+    an implausible mask (:func:`mask_warnings`) raises a :class:`LungsegWarning`.
     """
-    mask = (predict_proba(model, image, size) > threshold).astype(np.uint8)
-    return postprocess_mask(mask) if postprocess else mask
+    gray = _as_gray(image)
+    mask = (predict_proba(model, gray, size) > threshold).astype(np.uint8)
+    if postprocess:
+        mask = postprocess_mask(mask)
+    if warn:
+        label = Path(image).name if isinstance(image, (str, os.PathLike)) else "image"
+        for reason in mask_warnings(mask, gray, model_lung_fraction_range(model)):
+            warnings.warn(f"{label}: {reason}", LungsegWarning, stacklevel=2)
+    return mask
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (0, 200, 0), alpha: float = 0.4) -> np.ndarray:
@@ -2017,13 +2097,15 @@ class SegmentationApp:
         self.download.value = ""
         try:
             gray = decode_image(data, name)
-            mask = predict(self.model, gray, postprocess=self.postprocess)
+            mask = predict(self.model, gray, postprocess=self.postprocess, warn=False)
         except LungsegDataError as error:
             self.message.value = f"<span style='color:#b00020'>Could not segment this file: {html.escape(str(error))}</span>"
             return None
         area = int(mask.sum())
+        reasons = mask_warnings(mask, gray, model_lung_fraction_range(self.model))
         self.message.value = (f"<b>{html.escape(name)}</b>: {gray.shape[1]}x{gray.shape[0]} px, lung area "
-                              f"{area:,d} px = {area / mask.size:.1%} of the image")
+                              f"{area:,d} px = {area / mask.size:.1%} of the image"
+                              + "".join(f"<br><span style='color:#b36b00'>Check this mask: {html.escape(r)}</span>" for r in reasons))
         encoded = base64.b64encode(mask_png_bytes(mask)).decode()
         stem = html.escape(Path(name).stem)
         self.download.value = f"<a download='{stem}_mask.png' href='data:image/png;base64,{encoded}'>Download the mask (PNG)</a>"
@@ -2033,7 +2115,7 @@ class SegmentationApp:
             ax.set_title(name)
             ax.axis("off")
             plt.show()
-        return dict(name=name, gray=gray, mask=mask, lung_pixels=area, lung_fraction=area / mask.size)
+        return dict(name=name, gray=gray, mask=mask, lung_pixels=area, lung_fraction=area / mask.size, warnings=reasons)
 
 
 # --------------------------------------------------------------------------
@@ -2133,22 +2215,26 @@ def _cli_train(args: argparse.Namespace) -> None:
 def _cli_predict(args: argparse.Namespace) -> int:
     """Write a PNG mask (0/255) for each input into ``--out``; go on past bad files.
 
-    Every file that cannot be done is named with its reason; a one-line summary
-    ends the run. Returns the exit status: 0 when every file was done, else 1.
+    Every file that cannot be done is named with its reason, and every mask that
+    looks implausible (:func:`mask_warnings`) with a warning; a one-line summary
+    ends the run. Returns the exit status: 0 when every file was done (warnings
+    included), else 1.
     An existing mask is never overwritten without ``--force``.
     """
     model = load_checkpoint(args.checkpoint)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    done, failed = 0, 0
+    done, failed, flagged = 0, 0, 0
     for image_path in args.images:
         target = out / f"{Path(image_path).stem}_mask.png"
         try:
             if target.exists() and not args.force:
                 raise LungsegError(f"{target} exists; pass --force to overwrite it.")
-            mask = predict(model, image_path, threshold=args.threshold, postprocess=not args.raw)
+            gray = decode_image(image_path)
+            mask = predict(model, gray, threshold=args.threshold, postprocess=not args.raw, warn=False)
             if not cv2.imwrite(str(target), mask * 255):
                 raise LungsegError(f"could not write {target}; check that the folder is writable.")
+            reasons = mask_warnings(mask, gray, model_lung_fraction_range(model))
         except LungsegError as error:
             failed += 1
             reason = str(error).removeprefix(f"{image_path}: ")  # most messages start with the file name
@@ -2159,8 +2245,11 @@ def _cli_predict(args: argparse.Namespace) -> int:
             print(f"FAILED {image_path}: unexpected {type(error).__name__}: {error}", file=sys.stderr)
             continue
         done += 1
+        flagged += bool(reasons)
         print(f"{image_path} -> {target}  (lung fraction {mask.mean():.3f})")
-    print(f"{done} done, {failed} failed, of {len(args.images)} files.")
+        for reason in reasons:
+            print(f"WARNING {image_path}: {reason}", file=sys.stderr)
+    print(f"{done} done ({flagged} with warnings), {failed} failed, of {len(args.images)} files.")
     return 1 if failed else 0
 
 
