@@ -2059,6 +2059,15 @@ def error_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, alpha:
     return rgb.astype(np.uint8)
 
 
+def overlay_png_bytes(image: np.ndarray, mask: np.ndarray, max_side: int = 512) -> bytes:
+    """The :func:`overlay` picture as PNG bytes, scaled down to at most ``max_side`` pixels per side."""
+    scale = min(1.0, max_side / max(image.shape[:2]))
+    picture = overlay(image, mask)
+    if scale < 1:
+        picture = cv2.resize(picture, (round(picture.shape[1] * scale), round(picture.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+    return cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
 def mask_png_bytes(mask: np.ndarray) -> bytes:
     """A 0/1 mask encoded as an 8-bit PNG (0 = background, 255 = lung)."""
     return cv2.imencode(".png", mask.astype(np.uint8) * 255)[1].tobytes()
@@ -2077,7 +2086,10 @@ class SegmentationApp:
         self.model, self.postprocess = model, postprocess
         self.upload = widgets.FileUpload(accept=".png,.jpg,.jpeg,.tif,.tiff,.bmp,.dcm,.dicom", multiple=False, description="X-ray")
         self.message = widgets.HTML("Upload a chest X-ray (PNG, JPEG, TIFF, BMP, 8 or 16 bit, or DICOM).")
-        self.picture = widgets.Output()
+        # An Image widget, not an Output widget: nbclient imitates a front end for Output widgets by
+        # sending on the kernel's shell channel while it waits on it, which can hang a notebook run
+        # (jupyter/nbclient#312); an Image widget only carries the PNG bytes.
+        self.picture = widgets.Image(format="png", layout=widgets.Layout(max_width="512px"))
         self.download = widgets.HTML()
         self.upload.observe(self._on_upload, names="value")
         self.widget = widgets.VBox([self.upload, self.message, self.picture, self.download])
@@ -2091,9 +2103,7 @@ class SegmentationApp:
         import base64
         import html
 
-        import matplotlib.pyplot as plt
-
-        self.picture.clear_output()
+        self.picture.value = b""
         self.download.value = ""
         try:
             gray = decode_image(data, name)
@@ -2109,12 +2119,7 @@ class SegmentationApp:
         encoded = base64.b64encode(mask_png_bytes(mask)).decode()
         stem = html.escape(Path(name).stem)
         self.download.value = f"<a download='{stem}_mask.png' href='data:image/png;base64,{encoded}'>Download the mask (PNG)</a>"
-        with self.picture:
-            fig, ax = plt.subplots(figsize=(5, 5))
-            ax.imshow(overlay(gray, mask))
-            ax.set_title(name)
-            ax.axis("off")
-            plt.show()
+        self.picture.value = overlay_png_bytes(gray, mask)
         return dict(name=name, gray=gray, mask=mask, lung_pixels=area, lung_fraction=area / mask.size, warnings=reasons)
 
 

@@ -39,3 +39,20 @@ def test_dicom_upload(app):
     ramp = np.tile(np.arange(64) * 64, (64, 1))  # 12-bit values
     assert app.process(dicom_bytes(ramp, "MONOCHROME2"), "scan.dcm")["mask"].shape == (64, 64)
     assert app.process(b"DICM garbage", "bad.dcm") is None and "not a readable DICOM" in app.message.value
+
+
+def test_app_shows_the_overlay_as_a_png_without_output_widgets(app, real_data_dir):
+    """An Output widget makes nbclient send on the shell channel while it waits there (jupyter/nbclient#312)."""
+    import ipywidgets as widgets
+
+    def all_widgets(widget):
+        yield widget
+        for child in getattr(widget, "children", ()):
+            yield from all_widgets(child)
+
+    assert not any(isinstance(w, widgets.Output) for w in all_widgets(app.widget))
+    path = next((real_data_dir / "Lung Segmentation" / "CXR_png").glob("MCUCXR_*.png"))
+    result = app.process(path.read_bytes(), path.name)
+    picture = cv2.imdecode(np.frombuffer(app.picture.value, np.uint8), cv2.IMREAD_COLOR)
+    assert picture.shape == (512, 512, 3) and result["mask"].shape == (512, 512)
+    assert app.process(b"broken", "broken.png") is None and app.picture.value == b""
