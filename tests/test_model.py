@@ -426,7 +426,7 @@ def test_predict_any_input_kind_gives_the_same_probabilities(random_model, real_
     }
     for name, image in variants.items():
         np.testing.assert_allclose(L.predict_proba(random_model, image), reference, atol=1e-6, err_msg=name)
-    mask = L.predict(random_model, cv2.resize(gray, (300, 410)))
+    mask = L.predict(random_model, cv2.resize(gray, (300, 410)), warn=False)
     assert mask.shape == (410, 300) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
     with pytest.raises(L.LungsegDataError, match="array: 20x20 px is too small"):
         L.predict(random_model, np.zeros((20, 20), np.uint8))
