@@ -24,7 +24,8 @@ Sections, in order:
 12. Training and checkpoints: ``train``, ``save_checkpoint``, ``load_checkpoint``.
 13. Inference and figures: ``predict``, plausibility warnings (``mask_warnings``), overlays, the upload app.
 14. Evaluation: ``evaluate``, ``summarize_scores``.
-15. Command line.
+15. Robustness: acquisition shifts and simulated opacities (``apply_shift``).
+16. Command line.
 
 Conventions used throughout:
 
@@ -2188,6 +2189,108 @@ def summarize_scores(values: Sequence[float], n_bootstrap: int = 2000, seed: int
         p5=np.percentile(values, 5), p95=np.percentile(values, 95),
         ci_low=np.percentile(means, 2.5), ci_high=np.percentile(means, 97.5), n=len(values), missing=missing,
     )
+
+
+# --------------------------------------------------------------------------
+# Robustness: acquisition shifts
+# --------------------------------------------------------------------------
+
+SEVERITIES = {1: "mild", 2: "moderate", 3: "strong"}
+# Photometric and geometric shifts: Albumentations with fixed parameters, one per severity (images at 256 px).
+_SHIFT_TRANSFORMS: dict[str, Callable[[int], A.BasicTransform]] = {
+    "exposure": lambda s: A.RandomBrightnessContrast(brightness_limit=(0.1 * s, 0.1 * s), contrast_limit=(0, 0), p=1),
+    "gamma": lambda s: A.RandomGamma(gamma_limit=(100 + 30 * s, 100 + 30 * s), p=1),
+    "contrast": lambda s: A.RandomBrightnessContrast(brightness_limit=(0, 0), contrast_limit=(-0.2 * s, -0.2 * s), p=1),
+    "noise": lambda s: A.GaussNoise(std_range=(0.03 * s, 0.03 * s), p=1),
+    "blur": lambda s: A.GaussianBlur(sigma_limit=(float(s), float(s)), blur_limit=0, p=1),
+    "jpeg": lambda s: A.ImageCompression(quality_range=(70 - 20 * s, 70 - 20 * s), p=1),
+    "low_resolution": lambda s: A.Downscale(scale_range=(1 / (1 + s), 1 / (1 + s)), p=1,  # 1/2, 1/3, 1/4 of the side
+                                            interpolation_pair={"downscale": cv2.INTER_AREA, "upscale": cv2.INTER_LINEAR}),
+    "rotation": lambda s: A.Affine(rotate=(5 * s, 5 * s), border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=1),
+    "zoom_out": lambda s: A.Affine(scale=(1 - 0.1 * s, 1 - 0.1 * s), border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=1),
+    "zoom_in": lambda s: A.Affine(scale=(1 + 0.1 * s, 1 + 0.1 * s), border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=1),
+    "off_centre": lambda s: A.Affine(translate_percent={"x": (0.05 * s, 0.05 * s), "y": (0, 0)},
+                                     border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=1),
+}
+# Painted shifts: overlays of a portable AP film, and opacities inside the lung (the mask stays: lung is still lung).
+_PAINTED_SHIFTS = ("text", "lines", "consolidation", "ground_glass", "effusion")
+SHIFTS = (*_SHIFT_TRANSFORMS, *_PAINTED_SHIFTS)
+GEOMETRIC_SHIFTS = ("rotation", "zoom_out", "zoom_in", "off_centre")
+
+
+def _one_lung(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The mask of one lung (a random side's largest region), as bool."""
+    count, labels, stats, centroids = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if count < 2:
+        return np.zeros(mask.shape, bool)
+    side_left = rng.random() < 0.5
+    regions = [i for i in range(1, count) if (centroids[i, 0] < mask.shape[1] / 2) == side_left] or list(range(1, count))
+    largest = max(regions, key=lambda i: stats[i, cv2.CC_STAT_AREA])
+    return labels == largest
+
+
+def _paint_opacity(image: np.ndarray, region: np.ndarray, strength: float) -> np.ndarray:
+    """Whiten ``region`` towards 230 by ``strength`` (0..1), edges softened over a few pixels; never darker."""
+    weight = cv2.GaussianBlur(region.astype(np.float32), (0, 0), 2.0) * strength
+    painted = np.round(image.astype(np.float32) * (1 - weight) + 230 * weight)
+    return np.maximum(image, np.clip(painted, 0, 255).astype(np.uint8))
+
+
+def _opacity_region(kind: str, lung: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """The part of one lung that an opacity covers: ``share`` of its area (basal for an effusion)."""
+    rows, cols = np.nonzero(lung)
+    if kind == "effusion":  # from the base upwards, a level surface
+        cut = np.quantile(rows, 1 - share)
+        return lung & (np.arange(lung.shape[0])[:, None] >= cut)
+    centre = np.array([rows.mean(), cols.mean()]) + rng.normal(0, 5, 2)
+    distance = np.hypot(*(np.indices(lung.shape) - centre[:, None, None]))
+    radius = np.quantile(distance[lung], share)  # a blob grown from inside the lung until it covers ``share``
+    return lung & (distance <= radius)
+
+
+def apply_shift(
+    image: np.ndarray, mask: np.ndarray, kind: str, severity: int = 2, seed: int = SEED
+) -> tuple[np.ndarray, np.ndarray]:
+    """An X-ray and its mask under an acquisition shift of ``severity`` 1 (mild) to 3 (strong); repeatable by ``seed``.
+
+    ``kind`` is one of :data:`SHIFTS`: exposure, gamma, contrast, noise, blur,
+    JPEG, low resolution (down then up), rotation, zoom out (the patient smaller
+    in the frame, padded) or in (cropped), off-centre framing, burned-in text and
+    markers, thin tube/line overlays, and simulated opacities inside one lung:
+    a consolidation over 1/6, 1/3 or 1/2 of it, a fainter ground-glass haze over
+    1/3, 2/3 or all of it, and a basal effusion-like whitening of its lowest 1/6,
+    1/3 or 1/2. Geometric shifts move
+    the mask with the image; every other shift leaves the mask as it is.
+    """
+    if kind not in SHIFTS or severity not in SEVERITIES:
+        raise ValueError(f"Unknown shift {kind!r} or severity {severity!r}: use one of {SHIFTS} and 1, 2 or 3.")
+    rng = np.random.default_rng(seed)
+    if kind in _SHIFT_TRANSFORMS:
+        transform = A.Compose([_SHIFT_TRANSFORMS[kind](severity)])
+        transform.set_random_seed(seed)
+        out = transform(image=image, mask=mask)
+        return out["image"], out["mask"]
+    shifted = image.copy()
+    height, width = image.shape
+    if kind == "text":
+        labels = ["R", "AP PORTABLE", "SUPINE", "ICU BED 4"][: 2 ** (severity - 1)]
+        corners = [(0.04, 0.08), (0.55, 0.08), (0.04, 0.95), (0.55, 0.95)]
+        for label, (x, y) in zip(labels, corners):
+            cv2.putText(shifted, label, (int(x * width), int(y * height)), cv2.FONT_HERSHEY_SIMPLEX, width / 640, 255, max(1, width // 256), cv2.LINE_AA)
+        return shifted, mask
+    if kind == "lines":
+        for _ in range(2 ** (severity - 1)):  # tubes and wires crossing the chest from the top
+            points = np.stack([rng.uniform(0.2, 0.8, 4) * width, np.linspace(0, rng.uniform(0.5, 0.9), 4) * height], axis=1)
+            cv2.polylines(shifted, [points.astype(np.int32)], False, 235, max(1, width // 128), cv2.LINE_AA)
+        return shifted, mask
+    lung = _one_lung(mask, rng)
+    if not lung.any():
+        return shifted, mask
+    share = {1: 1 / 6, 2: 1 / 3, 3: 1 / 2}[severity]
+    strength = {"consolidation": 0.8, "ground_glass": 0.35, "effusion": 0.85}[kind]
+    if kind == "ground_glass":
+        share = min(1.0, 2 * share)  # haze spreads wider but fainter
+    return _paint_opacity(image, _opacity_region(kind, lung, share, rng), strength), mask
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,63 @@
+"""The acquisition-shift benchmark: every shift at every severity, repeatable, with the mask handled right."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lungseg_utils as L
+
+
+@pytest.fixture(scope="module")
+def pair(real_data_dir):
+    rows = L.labeled_only(L.build_pairs_table(real_data_dir)).iloc[[0]]
+    images, masks = L.load_arrays(rows, 256)
+    return images[0], masks[0]
+
+
+@pytest.mark.parametrize("kind", L.SHIFTS)
+def test_every_shift_is_repeatable_and_keeps_shapes(pair, kind):
+    image, mask = pair
+    differences = []
+    for severity in L.SEVERITIES:
+        shifted, shifted_mask = L.apply_shift(image, mask, kind, severity, seed=3)
+        again, again_mask = L.apply_shift(image, mask, kind, severity, seed=3)
+        assert shifted.dtype == np.uint8 and shifted.shape == image.shape and set(np.unique(shifted_mask)) <= {0, 1}
+        np.testing.assert_array_equal(shifted, again)
+        np.testing.assert_array_equal(shifted_mask, again_mask)
+        if kind not in L.GEOMETRIC_SHIFTS:
+            np.testing.assert_array_equal(shifted_mask, mask)  # the lung is still lung
+        differences.append(np.abs(shifted.astype(int) - image).mean())
+    assert differences[0] > 0 and differences[0] <= differences[1] <= differences[2], differences
+
+
+def test_geometric_shifts_move_the_mask_with_the_image(pair):
+    image, mask = pair
+    _, smaller = L.apply_shift(image, mask, "zoom_out", 2)
+    assert smaller.mean() / mask.mean() == pytest.approx(0.8**2, rel=0.05)
+    _, moved = L.apply_shift(image, mask, "off_centre", 2)
+    shift = np.nonzero(moved)[1].mean() - np.nonzero(mask)[1].mean()
+    assert shift == pytest.approx(0.10 * 256, abs=2)
+
+
+@pytest.mark.parametrize("kind, severity, share", [("consolidation", 1, 1 / 6), ("consolidation", 2, 1 / 3), ("effusion", 2, 1 / 3), ("effusion", 3, 1 / 2), ("ground_glass", 1, 1 / 3)])
+def test_opacities_whiten_the_stated_share_of_one_lung_only(pair, kind, severity, share):
+    image, mask = pair
+    shifted, _ = L.apply_shift(image, mask, kind, severity, seed=5)
+    changed = np.abs(shifted.astype(int) - image) > 8
+    lungs = L.lung_areas(mask)
+    one_lung = min(lungs["right_lung_area"], lungs["left_lung_area"]), max(lungs["right_lung_area"], lungs["left_lung_area"])
+    assert (changed & (mask == 0)).sum() < 0.05 * changed.sum(), "painted outside the lungs (beyond soft edges)"
+    assert one_lung[0] * share * 0.7 <= changed.sum() <= one_lung[1] * share * 1.3
+    assert (shifted.astype(int) >= image).all(), "an opacity only whitens"
+
+
+def test_effusion_is_basal(pair):
+    image, mask = pair
+    shifted, _ = L.apply_shift(image, mask, "effusion", 2)
+    rows = np.nonzero(np.abs(shifted.astype(int) - image) > 8)[0]
+    assert rows.mean() > np.nonzero(mask)[0].mean()
+
+
+def test_unknown_shift_is_refused(pair):
+    with pytest.raises(ValueError, match="Unknown shift 'fog'"):
+        L.apply_shift(*pair, "fog")
