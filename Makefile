@@ -1,5 +1,5 @@
 # lungseg: `make test` (unit tests + notebooks in quick mode), `make run` (every notebook
-# in full mode, outputs stored in place), `make lab` (JupyterLab on notebooks/).
+# in full mode, outputs stored in place, without progress bars: train() prints a line per epoch), `make lab` (JupyterLab on notebooks/).
 # Each target creates .venv and installs requirements.txt into it when needed.
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,7 +24,7 @@ test: $(STAMP)
 run: $(STAMP)
 	@for nb in $(NOTEBOOKS); do \
 		echo "== $$nb"; \
-		LUNGSEG_QUICK=0 $(PY) -m jupyter nbconvert --to notebook --execute --inplace \
+		LUNGSEG_QUICK=0 TQDM_DISABLE=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace \
 			--ExecutePreprocessor.timeout=7200 "$$nb" || exit 1; \
 	done
 

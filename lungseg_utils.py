@@ -79,7 +79,13 @@ from scipy import ndimage  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+
+if os.environ.get("TQDM_DISABLE", "").strip().lower() in {"1", "true", "yes"}:
+    # Stored runs (make run) and CI: no bars. The notebook bars of tqdm.auto ignore TQDM_DISABLE and would
+    # leave a "0%" text line and their widget state in the saved notebook; plain tqdm honours it.
+    from tqdm import tqdm  # noqa: E402
+else:
+    from tqdm.auto import tqdm  # noqa: E402
 
 REPO_DIR = Path(__file__).resolve().parent
 DATASET_FOLDER = "Lung Segmentation"
@@ -1937,7 +1943,8 @@ class LungsegWarning(UserWarning):
 
 # Lung fraction (share of the image) of the 704 manual masks at 256 px: min 0.085, max 0.435, here
 # rounded outwards. Used for models whose checkpoint does not record the range of their training masks.
-# With it, 1 of the 704 manual masks draws a warning (CHNCXR_0361_1: three lung-sized regions).
+# With it, 1 of the 704 manual masks draws a warning (CHNCXR_0361_1: three lung-sized regions);
+# benchmarks/plausibility_on_data.py measures both, log in results/plausibility/.
 DEFAULT_LUNG_FRACTION_RANGE = (0.08, 0.44)
 LARGE_REGION_SHARE = 0.01  # a region covering at least 1% of the image counts as a lung-sized region
 
@@ -1948,17 +1955,26 @@ def lung_fraction_range(masks: np.ndarray) -> tuple[float, float]:
     return math.floor(fractions.min() * 100) / 100, math.ceil(fractions.max() * 100) / 100
 
 
-def looks_inverted(image: np.ndarray) -> bool:
-    """True when the lung fields are brighter than the mediastinum: a MONOCHROME1 film read as MONOCHROME2.
+def inversion_margin(image: np.ndarray) -> float:
+    """Mean grey level of the mediastinum minus that of the lung fields, at 256 px (negative: looks inverted).
 
     In a chest X-ray the spine and heart (central strip) are brighter than the
-    air-filled lung fields on either side. On the 800 X-rays of the data set this
-    test flags none of them and all of their inverted copies (smallest margin 9.5 grey levels).
+    air-filled lung fields on either side.
     """
     small = resize_image(to_gray_uint8(image), 256).astype(np.float32)
     mediastinum = small[64:192, 115:141].mean()
     fields = np.concatenate([small[64:154, 38:90].ravel(), small[64:154, 166:218].ravel()]).mean()
-    return bool(fields > mediastinum)
+    return float(mediastinum - fields)
+
+
+def looks_inverted(image: np.ndarray) -> bool:
+    """True when the lung fields are brighter than the mediastinum: a MONOCHROME1 film read as MONOCHROME2.
+
+    On the 800 X-rays of the data set this flags none of them and all of their
+    inverted copies, with a smallest margin of 9.5 grey levels
+    (``benchmarks/plausibility_on_data.py``, log in ``results/plausibility/``).
+    """
+    return inversion_margin(image) < 0
 
 
 def mask_warnings(

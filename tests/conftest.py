@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -85,3 +86,16 @@ def write_header_bomb(path: Path, side: int = 20000) -> Path:
 
     Image.new("1", (side, side)).save(path, optimize=True)
     return path
+
+
+class StandInModel(torch.nn.Module):
+    """A stand-in network whose logits are ``logits_of(input)``: its masks are known exactly (64 px model size)."""
+
+    def __init__(self, logits_of):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # predict_arrays reads the device from a parameter
+        self.lungseg_config = {"image_size": 64}
+        self.logits_of = logits_of
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits_of(x)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 import lungseg_utils as L
-from conftest import REPO, lung_mask
+from conftest import REPO, StandInModel, lung_mask
 
 
 # ---------------------------------------------------------------- model and weights
@@ -472,18 +472,6 @@ def test_error_overlay_colours_at_known_pixels():
     assert tuple(errors[50, 50]) == (100, 100, 100), "true negative: untouched"
 
 
-class ThresholdModel(torch.nn.Module):
-    """A stand-in network that predicts lung wherever the input is bright: its masks are known exactly."""
-
-    def __init__(self):
-        super().__init__()
-        self.unused = torch.nn.Parameter(torch.zeros(1))
-        self.lungseg_config = {"image_size": 64}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x[:, :1] > 0).float() * 20 - 10
-
-
 def test_evaluate_matches_known_dice_iou_and_hd95(tmp_path):
     base = tmp_path / "Lung Segmentation"
     (base / "CXR_png").mkdir(parents=True)
@@ -494,7 +482,8 @@ def test_evaluate_matches_known_dice_iou_and_hd95(tmp_path):
     for name, bright in predicted.items():
         cv2.imwrite(str(base / "CXR_png" / f"{name}.png"), np.where(bright > 0, 220, 20).astype(np.uint8))
         cv2.imwrite(str(base / "masks" / f"{name}.png"), truth)
-    scores = L.evaluate(ThresholdModel(), L.labeled_only(L.build_pairs_table(tmp_path)))
+    bright_is_lung = StandInModel(lambda x: (x[:, :1] > 0).float() * 20 - 10)
+    scores = L.evaluate(bright_is_lung, L.labeled_only(L.build_pairs_table(tmp_path)))
     np.testing.assert_allclose(scores.dice, [1.0, 2 * 320 / 800, 0.0], atol=1e-6)
     np.testing.assert_allclose(scores.iou, [1.0, 320 / 480, 0.0], atol=1e-6)
     np.testing.assert_allclose(scores.dice_orig, scores.dice, atol=1e-6)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lungseg_utils as L
-from conftest import REPO, lung_mask
+from conftest import REPO, StandInModel, lung_mask
 
 
 def two_lungs(size: int = 256) -> np.ndarray:
@@ -67,29 +67,18 @@ def test_training_range_is_stored_and_used(tmp_path):
     assert L.model_lung_fraction_range(L.build_model("resnet18", weights=None)) == L.DEFAULT_LUNG_FRACTION_RANGE
 
 
-class AllLung(torch.nn.Module):
-    """A stand-in network that calls every pixel lung."""
-
-    def __init__(self):
-        super().__init__()
-        self.unused = torch.nn.Parameter(torch.zeros(1))
-        self.lungseg_config = {"image_size": 64}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.full_like(x[:, :1], 10.0)
-
-
 def test_predict_warns_with_the_file_name(tmp_path):
     path = tmp_path / "odd.png"
     cv2.imwrite(str(path), np.full((128, 128), 90, np.uint8))
+    all_lung = StandInModel(lambda x: torch.full_like(x[:, :1], 10.0))
     with pytest.warns(L.LungsegWarning) as record:
-        L.predict(AllLung(), path)
+        L.predict(all_lung, path)
     messages = [str(w.message) for w in record]
     assert any(m.startswith("odd.png: lungs cover 100.0% of the image") for m in messages)
     assert any(m.startswith("odd.png: no lung found on the image's right side") for m in messages)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        L.predict(AllLung(), path, warn=False)
+        L.predict(all_lung, path, warn=False)
 
 
 def test_cli_prints_warnings_and_still_succeeds(tmp_path, real_data_dir):

@@ -166,3 +166,15 @@ def test_repository_address_is_the_same_everywhere():
         assert badge.group(2) == notebook.name, f"{notebook.name}'s badge opens {badge.group(2)}"
         addresses |= {badge.group(1), setup.group(1)}
     assert len(notebooks) >= 5 and len(addresses) == 1, addresses
+
+
+def test_stored_notebooks_read_cleanly():
+    """No progress bar frozen at 0% (a tqdm widget's text fallback) and no bulky widget state."""
+    import json
+
+    for notebook in sorted((REPO / "notebooks").glob("[0-9]*.ipynb")):
+        nb = json.loads(notebook.read_text())
+        outputs = json.dumps([cell.get("outputs", []) for cell in nb["cells"]])
+        assert not re.search(r"\b0%\|", outputs), f"{notebook.name}: a progress bar stuck at 0% is stored"
+        state = len(json.dumps(nb["metadata"].get("widgets", {})))
+        assert state < 100_000, f"{notebook.name}: {state / 1e3:.0f} kB of widget state"
