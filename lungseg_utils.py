@@ -13,18 +13,18 @@ Sections, in order:
 1. Errors: ``LungsegError`` and its kinds; every message names the file and the fix.
 2. Run mode and reproducibility: quick mode, seeding, device and mixed precision.
 3. Data location and download: ``find_data_dir``, ``download_*``, ``safe_extract``.
-4. Pairing images with masks: ``build_pairs_table``.
-5. Splits: ``three_way_split``, ``seed_split``, ``quick_subset``.
+4. Pairing images with masks: ``build_pairs_table``; ``anatomy_landmarks`` for chapter 01's figure.
+5. Splits: ``three_way_split``, ``writeup_split``, ``quick_subset``.
 6. Decoding images and masks: ``decode_image`` (the one decoder), ``read_mask``.
 7. Cache: decode and resize once (``load_arrays``).
-8. Dataset and augmentation: ``train_transforms``, ``LungDataset``.
+8. Dataset and augmentation: ``train_transforms`` (with ``SimulatedOpacity``), ``LungDataset``.
 9. Model: ``build_model`` with ImageNet, local or no weights.
 10. Loss: ``DiceBCELoss``.
 11. Metrics: Dice, IoU, HD95, the write-up's batch Dice.
-12. Training and checkpoints: ``train``, ``save_checkpoint``, ``load_checkpoint``.
-13. Inference and figures: ``predict``, plausibility warnings (``mask_warnings``), overlays, the upload app.
-14. Evaluation: ``evaluate``, ``summarize_scores``.
-15. Robustness: acquisition shifts and simulated opacities (``apply_shift``).
+12. Training and checkpoints: ``TrainConfig``, ``train``, ``save_checkpoint``, ``load_checkpoint``.
+13. Inference and figures: ``predict``, plausibility warnings (``mask_warnings``), overlays and ``error_legend``, the upload app.
+14. Evaluation: ``evaluate``, ``error_zones``, ``summarize_scores``, ``paired_difference`` (BCa bootstrap).
+15. Robustness: acquisition shifts and simulated opacities (``apply_shift``, ``shift_benchmark``).
 16. Command line.
 
 Conventions used throughout:
@@ -75,7 +75,7 @@ import segmentation_models_pytorch as smp  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
-from scipy import ndimage  # noqa: E402
+from scipy import ndimage, stats  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
@@ -214,8 +214,22 @@ def print_config(device: torch.device | None = None) -> None:
     device = device or pick_device()
     versions = library_versions()
     print(" | ".join(f"{name} {version}" for name, version in versions.items()))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{cpu_model_name()}, {torch.get_num_threads()} threads"
     print(f"device: {device} ({name}), mixed precision: {autocast_dtype(device) or 'none (fp32)'}")
+
+
+def cpu_model_name(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux, else what Python's platform module knows)."""
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def pick_device(preferred: str | None = None) -> torch.device:
@@ -681,12 +695,45 @@ def lung_areas(mask: np.ndarray) -> dict[str, float]:
     )
 
 
+def anatomy_landmarks(mask: np.ndarray) -> dict[str, tuple[float, float]]:
+    """Where the landmarks of a frontal chest X-ray lie, read off its lung mask: ``{name: (x, y)}``.
+
+    The two largest regions are the lungs (the patient's right lung on the
+    image's left). Apex: the top of a lung. Costophrenic angle: its lowest
+    outer corner. Hemidiaphragm: the lowest lung pixel below the lung's centre.
+    Heart border: the inner edge of the left lung two thirds of the way down.
+    Retrocardiac region: the heart's shadow just inside the left lung's lower
+    inner edge, where lung lies behind the heart. For the labelled figure of chapter 01; approximate by design.
+    """
+    count, labels, stats, centroids = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if count < 3:
+        raise LungsegDataError(f"anatomy_landmarks needs a mask with two lungs; this one has {count - 1} region(s).")
+    largest = np.argsort(stats[1:, cv2.CC_STAT_AREA])[::-1][:2] + 1
+    right, left = sorted(largest, key=lambda index: centroids[index, 0])  # patient's right lung = image left
+    points: dict[str, tuple[float, float]] = {}
+    for side, index, outward in (("right", right, -1), ("left", left, 1)):
+        ys, xs = np.nonzero(labels == index)
+        top = ys.min()
+        points[f"{side} apex"] = (float(xs[ys == top].mean()), float(top))
+        corner = np.argmax(ys + outward * xs)  # lowest and outermost
+        points[f"{side} costophrenic angle"] = (float(xs[corner]), float(ys[corner]))
+        centre_x = int(round(centroids[index, 0]))
+        column = ys[xs == centre_x]
+        points[f"{side} hemidiaphragm"] = (float(centre_x), float(column.max() if len(column) else ys.max()))
+    ys, xs = np.nonzero(labels == left)
+    heart_row = int(ys.min() + (ys.max() - ys.min()) * 2 / 3)
+    points["heart border"] = (float(xs[ys == heart_row].min()), float(heart_row))
+    low_row = int(ys.min() + (ys.max() - ys.min()) * 0.85)
+    points["retrocardiac region"] = (float(xs[ys == low_row].min()) - 0.06 * mask.shape[1], float(low_row))
+    return points
+
+
 # --------------------------------------------------------------------------
 # Splits
 # --------------------------------------------------------------------------
 
 
-def seed_split(table: pd.DataFrame, val_fraction: float = 0.2, seed: int = SEED) -> tuple[pd.DataFrame, pd.DataFrame]:
+def writeup_split(table: pd.DataFrame, val_fraction: float = 0.2, seed: int = SEED) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The split of the write-up this project started from: sorted pairs, 80/20, ``random_state=42``.
 
     Use it only to compare with that write-up's 96.34% validation Dice: it has no
@@ -1096,30 +1143,100 @@ def load_arrays(
 # --------------------------------------------------------------------------
 
 
-def train_transforms(rotate_limit: float = 35, photometric: bool = True) -> A.Compose:
+class SimulatedOpacity(A.ImageOnlyTransform):
+    """Training augmentation: whiten a random part of one lung, as pneumonia or an effusion would; the mask stays.
+
+    The lung is still lung when it is consolidated, but nearly all training
+    lungs are dark, so a model learns "lung = dark" and leaves white parts out.
+    With probability ``p`` this paints one to three soft blobs (or, one time in
+    three, a basal whitening with a level top) over 10-50% of one lung at a
+    random strength. Chapter 06's shift benchmark paints similar opacities, so
+    it cannot by itself prove that this helps on real disease.
+    """
+
+    def __init__(self, p: float = 0.3):
+        super().__init__(p=p)
+
+    def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
+        rng = self.random_generator
+        mask = data.get("mask")
+        if mask is None:
+            return {"region": None, "strength": 0.0}
+        lung = _one_lung(np.asarray(mask), rng)
+        if not lung.any():
+            return {"region": None, "strength": 0.0}
+        share = rng.uniform(0.1, 0.5)
+        if rng.random() < 1 / 3:
+            region = _opacity_region("effusion", lung, share, rng)
+        else:
+            region = np.zeros_like(lung)
+            for _ in range(int(rng.integers(1, 4))):
+                region |= _opacity_region("consolidation", lung, share / 2, rng)
+        return {"region": region, "strength": float(rng.uniform(0.25, 0.85))}
+
+    def apply(self, img: np.ndarray, region: np.ndarray | None = None, strength: float = 0.0, **params) -> np.ndarray:
+        if region is None:
+            return img
+        return _paint_opacity(img, region, strength)
+
+
+def train_transforms(
+    rotate_limit: float = 35,
+    photometric: bool = True,
+    horizontal_flip: bool = False,
+    clahe: bool = False,
+    strong_photometric: bool = False,
+    opacity_p: float = 0.0,
+    framing: bool = False,
+) -> A.Compose:
     """Training augmentation: the write-up's rotation (±35°), small scale/shift, exposure changes.
 
-    No horizontal flip: the heart lies on the left, so a flipped chest is an
-    anatomy (dextrocardia) that the model would almost never meet; flipping would
-    teach it that the two lungs are interchangeable when their shapes differ.
-    Brightness, contrast and gamma changes imitate other machines and exposures.
+    No horizontal flip by default: the heart lies on the left, so a flipped chest
+    is an anatomy (dextrocardia) that the model would almost never meet, and the
+    two lungs differ in shape (chapter 02 shows how much). ``horizontal_flip=True``
+    adds the write-up's flip, to measure that choice. Brightness, contrast and
+    gamma changes imitate other machines and exposures. The other options are
+    the candidates for a recipe that travels to other hospitals:
+    ``clahe`` (random local contrast equalisation), ``strong_photometric``
+    (wider exposure and gamma, noise, blur or low resolution, JPEG, in place of
+    the standard changes), ``opacity_p`` (:class:`SimulatedOpacity`) and
+    ``framing`` (scale 0.75-1.2 and shifts of 10%: the patient smaller or
+    larger and off-centre in the frame).
     """
+    scale, shift = ((0.75, 1.2), 0.1) if framing else ((0.9, 1.1), 0.05)
     steps: list[A.BasicTransform] = [
         A.Affine(
             rotate=(-rotate_limit, rotate_limit),
-            scale=(0.9, 1.1),
-            translate_percent=(-0.05, 0.05),
+            scale=scale,
+            translate_percent=(-shift, shift),
             border_mode=cv2.BORDER_CONSTANT,
             fill=0,
             fill_mask=0,
             p=0.7,
         )
     ]
-    if photometric:
+    if horizontal_flip:
+        steps.append(A.HorizontalFlip(p=0.5))
+    if opacity_p > 0:
+        steps.append(SimulatedOpacity(p=opacity_p))
+    if strong_photometric:
+        steps += [
+            A.RandomBrightnessContrast(brightness_limit=0.3, contrast_limit=0.3, p=0.6),
+            A.RandomGamma(gamma_limit=(60, 160), p=0.5),
+            A.GaussNoise(std_range=(0.01, 0.06), p=0.3),
+            A.OneOf([
+                A.GaussianBlur(sigma_limit=(0.5, 2.0), blur_limit=0),
+                A.Downscale(scale_range=(0.35, 0.8), interpolation_pair={"downscale": cv2.INTER_AREA, "upscale": cv2.INTER_LINEAR}),
+            ], p=0.3),
+            A.ImageCompression(quality_range=(30, 95), p=0.3),
+        ]
+    elif photometric:
         steps += [
             A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
             A.RandomGamma(gamma_limit=(80, 120), p=0.3),
         ]
+    if clahe:
+        steps.append(A.CLAHE(clip_limit=(1, 4), p=0.3))
     return A.Compose(steps)
 
 
@@ -1211,6 +1328,11 @@ def _cached_imagenet_state(encoder: str) -> dict[str, torch.Tensor] | None:
     except Exception:
         return None
     return load_file(path, device="cpu")
+
+
+def imagenet_weights_available(encoder: str = "resnet34") -> bool:
+    """True when ``build_model(encoder, weights="imagenet")`` would get real ImageNet weights (cache or hub)."""
+    return _cached_imagenet_state(encoder) is not None or _hub_reachable()
 
 
 def _load_weights_file(model: smp.Unet, path: Path) -> None:
@@ -1347,7 +1469,7 @@ def dataset_dice(pred: np.ndarray, target: np.ndarray) -> float:
     return float(smp.metrics.f1_score(tp, fp, fn, tn, reduction="micro"))
 
 
-def seed_batch_dice(probs: np.ndarray, target: np.ndarray, batch_size: int = 8, smooth: float = 1.0) -> float:
+def writeup_batch_dice(probs: np.ndarray, target: np.ndarray, batch_size: int = 8, smooth: float = 1.0) -> float:
     """The write-up's metric: Dice of masks thresholded at 0.5, pooled per batch of 8, averaged over batches.
 
     It depends on batch size and order, and large lungs dominate each batch,
@@ -1410,6 +1532,13 @@ class TrainConfig:
     seed: int = SEED
     rotate_limit: float = 35
     photometric: bool = True
+    horizontal_flip: bool = False  # the write-up's flip; see train_transforms
+    clahe: bool = False  # random CLAHE as augmentation
+    strong_photometric: bool = False  # the candidates for a recipe that travels: see train_transforms
+    opacity_p: float = 0.0
+    framing: bool = False
+    bce_weight: float = 1.0  # loss = bce_weight * BCE + dice_weight * Dice loss
+    dice_weight: float = 1.0
     skip_connections: bool = True
     device: str | None = None
     mixed_precision: bool = True
@@ -1428,6 +1557,14 @@ class TrainResult:
     wall_seconds: float
     device: str
     extra: dict = field(default_factory=dict)
+
+
+def augmentation_for(config: TrainConfig) -> A.Compose:
+    """The training augmentation that ``config`` asks for (:func:`train_transforms`)."""
+    return train_transforms(
+        config.rotate_limit, config.photometric, config.horizontal_flip, config.clahe,
+        config.strong_photometric, config.opacity_p, config.framing,
+    )
 
 
 def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
@@ -1611,6 +1748,20 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     return model.to(device).eval()
 
 
+def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> np.ndarray:
+    """The learning rate of every training step that ``config``'s schedule gives (for plotting it)."""
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([weight], lr=config.lr)
+    scheduler = _make_scheduler(optimizer, config, steps_per_epoch)
+    rates = []
+    for _ in range(config.epochs * steps_per_epoch):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    return np.array(rates)
+
+
 def plot_history(history: pd.DataFrame, path: str | os.PathLike | None = None):
     """Loss and validation Dice per epoch; saved to ``path`` when given. Returns the figure."""
     import matplotlib
@@ -1671,14 +1822,14 @@ def train(
     model = build_model(config.encoder, config.weights, config.skip_connections)
     model = model.to(device).to(memory_format=torch.channels_last)
     train_loader = DataLoader(
-        LungDataset(*train_arrays, train_transforms(config.rotate_limit, config.photometric)),
+        LungDataset(*train_arrays, augmentation_for(config)),
         batch_size=config.batch_size, shuffle=True, drop_last=len(train_arrays[0]) > config.batch_size,
         num_workers=config.num_workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
     )
     val_loader = DataLoader(LungDataset(*val_arrays), batch_size=config.batch_size, num_workers=config.num_workers)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = _make_scheduler(optimizer, config, len(train_loader))
-    loss_fn = DiceBCELoss()
+    loss_fn = DiceBCELoss(bce_weight=config.bce_weight, dice_weight=config.dice_weight)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
     records: list[dict] = []
@@ -1754,12 +1905,17 @@ RESUME_MAY_DIFFER = ("device", "num_workers")
 
 
 def _check_same_config(path: Path, stored: dict, config: TrainConfig) -> None:
-    """Refuse to resume with a config that differs from the stored one (except device and workers)."""
+    """Refuse to resume with a config that differs from the stored one (except device and workers).
+
+    A field that the stored config lacks (saved before the field existed) counts
+    as its default value.
+    """
     current = _plain(asdict(config))
+    defaults = _plain(asdict(TrainConfig()))
     differences = [
-        f"{key} (stored {stored.get(key)!r}, now {value!r})"
+        f"{key} (stored {stored.get(key, defaults[key])!r}, now {value!r})"
         for key, value in current.items()
-        if key not in RESUME_MAY_DIFFER and stored.get(key) != value
+        if key not in RESUME_MAY_DIFFER and stored.get(key, defaults[key]) != value
     ]
     if differences:
         raise LungsegCheckpointError(
@@ -1814,7 +1970,8 @@ QUICK_MODEL_BANNER = """
 +------------------------------------------------------------------------------------------+
 | NO TRAINED MODEL FOUND: training a QUICK model instead ({details}).
 | Its scores are NOT the stored ones and its masks are rough; it only lets the code run.
-| To get the real model: run chapter 03 (about 30 minutes on a CPU, minutes on a GPU), or
+| To get the real model: run chapter 03 (minutes on a GPU; on a 2-core CPU half an hour with
+| native bf16, about two hours without), or
 | set LUNGSEG_CHECKPOINT to its best.pt, or on Colab keep it in Google Drive at
 | MyDrive/lungseg/dicebce-256px/best.pt (mount Drive first).
 +------------------------------------------------------------------------------------------+
@@ -2066,14 +2223,31 @@ def overlay(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (
     return out
 
 
+ERROR_COLOURS = {
+    "true positive: lung found": (0, 180, 0),
+    "false positive: marked, not lung": (230, 30, 30),
+    "false negative: lung missed": (40, 90, 255),
+}
+
+
 def error_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """RGB picture: true positives green, false positives red, false negatives blue."""
+    """RGB picture: true positives green, false positives red, false negatives blue (:data:`ERROR_COLOURS`)."""
     gray = to_gray_uint8(np.asarray(image))
     rgb = np.repeat(gray[:, :, None], 3, axis=2).astype(np.float32)
     pred, truth = pred.astype(bool), truth.astype(bool)
-    for region, color in ((pred & truth, (0, 180, 0)), (pred & ~truth, (230, 30, 30)), (~pred & truth, (40, 90, 255))):
+    regions = (pred & truth, pred & ~truth, ~pred & truth)
+    for region, color in zip(regions, ERROR_COLOURS.values()):
         rgb[region] = (1 - alpha) * rgb[region] + alpha * np.array(color, np.float32)
     return rgb.astype(np.uint8)
+
+
+def error_legend(figure, **legend_options) -> None:
+    """Add the legend of :func:`error_overlay`'s colours below a matplotlib figure."""
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=np.array(color) / 255, label=label) for label, color in ERROR_COLOURS.items()]
+    options = dict(loc="lower center", ncol=3, frameon=False, bbox_to_anchor=(0.5, -0.02))
+    figure.legend(handles=handles, **{**options, **legend_options})
 
 
 def overlay_png_bytes(image: np.ndarray, mask: np.ndarray, max_side: int = 512) -> bytes:
@@ -2187,23 +2361,105 @@ def evaluate(
     return result
 
 
-def summarize_scores(values: Sequence[float], n_bootstrap: int = 2000, seed: int = SEED) -> dict[str, float]:
-    """Mean, std, median, 5th and 95th percentiles and a bootstrap 95% interval of the mean.
+ERROR_ZONES = ("apices", "heart border", "bases / costophrenic angles", "rest of the outline")
 
-    Undefined values (nan, e.g. the HD95 of an empty prediction) are left out of
-    the statistics and counted in ``missing``: report it beside the mean.
+
+def error_zones(pred: np.ndarray, truth: np.ndarray, band: int | None = None) -> dict[str, float]:
+    """Where a predicted mask's errors lie, per unit of area: one value per zone of :data:`ERROR_ZONES`.
+
+    Errors are pixels where prediction and truth disagree. The zones are disjoint
+    parts of a band of ``band`` pixels (default: 4% of the image side) on either
+    side of the true lung outline, cut by the true lungs' bounding box: apices
+    (its top fifth), bases and costophrenic angles (its bottom fifth), the heart
+    border (the inner half of the patient's left lung in between, below the
+    middle) and the rest of the outline. Each value is the share of that zone's
+    pixels that are wrong, so a large zone does not win by being large. Errors
+    outside the band (stray islands) are in ``"far from the outline"``, as a
+    share of the rest of the image.
+    """
+    pred, truth = pred.astype(bool), truth.astype(bool)
+    if not truth.any():
+        raise LungsegDataError("error_zones needs a true mask with lung in it.")
+    band = band or max(2, round(0.04 * truth.shape[1]))
+    distance_outside = ndimage.distance_transform_edt(~truth)
+    distance_inside = ndimage.distance_transform_edt(truth)
+    near = (distance_outside <= band) & (distance_inside <= band)
+    errors = pred ^ truth
+    ys, xs = np.nonzero(truth)
+    top, bottom, left, right = ys.min(), ys.max(), xs.min(), xs.max()
+    height, middle = bottom - top + 1, (left + right) / 2
+    rows, cols = np.indices(truth.shape)
+    apices = rows < top + height / 5
+    bases = rows > bottom - height / 5
+    heart = ~apices & ~bases & (rows > top + height / 2) & (cols > middle) & (cols < middle + (right - middle) / 2)
+    rest = ~(apices | bases | heart)
+    result = {}
+    for name, zone in zip(ERROR_ZONES, (apices, heart, bases, rest)):
+        area = near & zone
+        result[name] = float(errors[area].mean()) if area.any() else 0.0
+    result["far from the outline"] = float(errors[~near].mean()) if (~near).any() else 0.0
+    return result
+
+
+def _bca_interval(sample: np.ndarray, n_bootstrap: int, seed: int, paired_with: np.ndarray | None = None) -> tuple[float, float]:
+    """A 95% BCa bootstrap interval of the mean (of ``sample``, or of ``sample - paired_with`` resampled in pairs)."""
+    data = (sample,) if paired_with is None else (sample, paired_with)
+    statistic = (lambda x, axis: np.mean(x, axis=axis)) if paired_with is None else (lambda x, y, axis: np.mean(x - y, axis=axis))
+    spread = np.ptp(sample if paired_with is None else sample - paired_with)
+    if len(sample) < 3 or spread == 0:  # no variation: the bootstrap has nothing to resample
+        centre = float(statistic(*data, axis=0))
+        return centre, centre
+    result = stats.bootstrap(
+        data, statistic, n_resamples=n_bootstrap, paired=paired_with is not None, vectorized=True,
+        method="BCa", confidence_level=0.95, rng=np.random.default_rng(seed),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def summarize_scores(values: Sequence[float], n_bootstrap: int = 2000, seed: int = SEED) -> dict[str, float]:
+    """Mean, std, median, 5th and 95th percentiles and a 95% BCa bootstrap interval of the mean.
+
+    The interval comes from ``scipy.stats.bootstrap`` (bias-corrected and
+    accelerated, which copes with skewed scores such as Dice near 1). Undefined
+    values (nan, e.g. the HD95 of an empty prediction) are left out of the
+    statistics and counted in ``missing``: report it beside the mean.
     """
     values = np.asarray(values, dtype=float)
     missing = int(np.isnan(values).sum())
     values = values[~np.isnan(values)]
     if len(values) == 0:
         return dict(mean=np.nan, std=np.nan, median=np.nan, p5=np.nan, p95=np.nan, ci_low=np.nan, ci_high=np.nan, n=0, missing=missing)
-    rng = np.random.default_rng(seed)
-    means = rng.choice(values, size=(n_bootstrap, len(values)), replace=True).mean(axis=1)
+    ci_low, ci_high = _bca_interval(values, n_bootstrap, seed)
     return dict(
         mean=values.mean(), std=values.std(ddof=1) if len(values) > 1 else 0.0, median=np.median(values),
         p5=np.percentile(values, 5), p95=np.percentile(values, 95),
-        ci_low=np.percentile(means, 2.5), ci_high=np.percentile(means, 97.5), n=len(values), missing=missing,
+        ci_low=ci_low, ci_high=ci_high, n=len(values), missing=missing,
+    )
+
+
+def paired_difference(
+    candidate: Sequence[float], reference: Sequence[float], n_bootstrap: int = 2000, seed: int = SEED
+) -> dict[str, float]:
+    """Mean of ``candidate - reference`` over the same images, with a 95% BCa interval of that mean.
+
+    Use it whenever two variants are scored on the same images (a threshold, a
+    post-processing, two recipes): the images resampled together keep their
+    pairing, so the interval shows the difference itself and is much narrower
+    than comparing two separate intervals (whose overlap says little either
+    way). Images where either score is undefined (nan) are left out and counted
+    in ``missing``. ``wins`` is the share of images where the candidate scores higher.
+    """
+    candidate, reference = np.asarray(candidate, dtype=float), np.asarray(reference, dtype=float)
+    if candidate.shape != reference.shape:
+        raise ValueError(f"Paired scores need the same images: {candidate.shape} against {reference.shape}.")
+    both = ~(np.isnan(candidate) | np.isnan(reference))
+    candidate, reference = candidate[both], reference[both]
+    if len(candidate) == 0:
+        return dict(mean_difference=np.nan, ci_low=np.nan, ci_high=np.nan, wins=np.nan, n=0, missing=int((~both).sum()))
+    ci_low, ci_high = _bca_interval(candidate, n_bootstrap, seed, paired_with=reference)
+    return dict(
+        mean_difference=float((candidate - reference).mean()), ci_low=ci_low, ci_high=ci_high,
+        wins=float((candidate > reference).mean()), n=len(candidate), missing=int((~both).sum()),
     )
 
 
@@ -2309,6 +2565,53 @@ def apply_shift(
     return _paint_opacity(image, _opacity_region(kind, lung, share, rng), strength), mask
 
 
+def shift_benchmark(
+    model: nn.Module,
+    images: np.ndarray,
+    masks: np.ndarray,
+    names: Sequence[str] | None = None,
+    shifts: Sequence[str] = SHIFTS,
+    severities: Sequence[int] = tuple(SEVERITIES),
+    seed: int = SEED,
+) -> pd.DataFrame:
+    """Per-image Dice of ``model`` on clean images and under every shift and severity (:func:`apply_shift`).
+
+    One row per image, shift and severity: ``name``, ``shift``, ``severity``,
+    ``dice``, ``clean_dice`` (the same image unshifted, for paired drops) and
+    ``warned`` (whether :func:`mask_warnings` flags the predicted mask). The
+    clean images are the rows with shift ``"none"`` and severity 0. Each image
+    gets its own seed (``seed`` + its index), the same for every shift, so a
+    run repeats exactly.
+    """
+    names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
+    fraction_range = model_lung_fraction_range(model)
+
+    def scored(batch_images: np.ndarray, batch_masks: np.ndarray) -> tuple[np.ndarray, list[bool]]:
+        predictions = (predict_arrays(model, batch_images) > 0.5).astype(np.uint8)
+        warned = [bool(mask_warnings(p, image, fraction_range)) for p, image in zip(predictions, batch_images)]
+        return dice_iou_per_image(predictions, batch_masks)[0], warned
+
+    clean_dice, clean_warned = scored(images, masks)
+    frames = [pd.DataFrame(dict(name=names, shift="none", severity=0, dice=clean_dice, clean_dice=clean_dice, warned=clean_warned))]
+    for shift in shifts:
+        for severity in severities:
+            pairs = [apply_shift(image, mask, shift, severity, seed=seed + i) for i, (image, mask) in enumerate(zip(images, masks))]
+            shifted_images, shifted_masks = (np.stack(parts) for parts in zip(*pairs))
+            dice, warned = scored(shifted_images, shifted_masks)
+            frames.append(pd.DataFrame(dict(name=names, shift=shift, severity=severity, dice=dice, clean_dice=clean_dice, warned=warned)))
+    return pd.concat(frames, ignore_index=True)
+
+
+def summarize_shifts(benchmark: pd.DataFrame, n_bootstrap: int = 2000) -> pd.DataFrame:
+    """Per shift and severity: mean Dice, its paired drop from the clean images with a 95% BCa interval, and the warning rate."""
+    rows = []
+    for (shift, severity), group in benchmark[benchmark["shift"] != "none"].groupby(["shift", "severity"], sort=False):
+        paired = paired_difference(group["dice"], group["clean_dice"], n_bootstrap=n_bootstrap)
+        rows.append(dict(shift=shift, severity=severity, dice=group["dice"].mean(), drop=-paired["mean_difference"],
+                         drop_low=-paired["ci_high"], drop_high=-paired["ci_low"], warned=group["warned"].mean(), n=paired["n"]))
+    return pd.DataFrame(rows)
+
+
 # --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
@@ -2327,11 +2630,11 @@ def _cli_train(args: argparse.Namespace) -> None:
     result = train(arrays["train"], arrays["val"], args.out or unique_run_dir(), config, resume=args.resume)
     for part in ("val", "test"):
         scores = evaluate(result.model, split[part], config.image_size, original_resolution=False)
-        seed_style = seed_batch_dice(scores.attrs["probs"], scores.attrs["masks"])
+        writeup_style = writeup_batch_dice(scores.attrs["probs"], scores.attrs["masks"])
         hd95 = summarize_scores(scores["hd95"])
         print(f"{part}: per-image Dice {scores['dice'].mean():.4f}  IoU {scores['iou'].mean():.4f}  "
               f"HD95 {hd95['mean']:.2f}px ({hd95['missing']} empty predictions)  "
-              f"seed-style batch Dice {seed_style:.4f}  (n={len(scores)})")
+              f"write-up batch Dice {writeup_style:.4f}  (n={len(scores)})")
     print(f"best epoch {result.best_epoch} of {len(result.history)}, wall {result.wall_seconds / 60:.1f} min, "
           f"{result.history['train_images_per_s'].mean():.1f} train img/s on {result.device}")
 

@@ -5,6 +5,7 @@ import os
 import time
 from pathlib import Path
 
+import albumentations as A
 import cv2
 import numpy as np
 import pytest
@@ -149,11 +150,11 @@ def test_resize_mask_stays_binary():
 
 
 # ---------------------------------------------------------------- splits
-def test_seed_split_is_the_writeups(real_data_dir):
+def test_writeup_split_is_the_writeups(real_data_dir):
     table = L.build_pairs_table(real_data_dir)
-    train, val = L.seed_split(table)
+    train, val = L.writeup_split(table)
     assert (len(train), len(val)) == (563, 141)
-    again_train, _ = L.seed_split(table.sample(frac=1, random_state=1))
+    again_train, _ = L.writeup_split(table.sample(frac=1, random_state=1))
     assert list(train.name) == list(again_train.name), "split must not depend on listing order"
     L.assert_disjoint({"train": train, "val": val})
 
@@ -268,3 +269,62 @@ def test_lung_areas_sides_follow_radiological_convention():
     mask[60:62, 60:62] = 1  # a speck on the image's right
     areas = L.lung_areas(mask)
     assert areas == {"components": 3, "right_lung_area": 800.0, "left_lung_area": 604.0}
+
+
+def test_train_transforms_flip_and_clahe_are_explicit_choices():
+    names = {type(t).__name__ for t in L.train_transforms(horizontal_flip=True, clahe=True).transforms}
+    assert {"HorizontalFlip", "CLAHE", "Affine"} <= names
+    image = np.tile(np.arange(64, dtype=np.uint8)[None] * 4, (64, 1))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :16] = 1
+    flip_only = L.train_transforms(rotate_limit=0, photometric=False, horizontal_flip=True)
+    flip_only.set_random_seed(0)
+    flipped = [flip_only(image=image, mask=mask)["mask"][:, -16:].all() for _ in range(40)]
+    assert 5 < sum(flipped) < 35  # about half of the masks moved to the other side, with their images
+
+
+def test_anatomy_landmarks_on_two_drawn_lungs():
+    mask = np.zeros((200, 200), np.uint8)
+    cv2.ellipse(mask, (60, 100), (30, 70), 0, 0, 360, 1, -1)  # patient's right lung (image left), larger
+    cv2.ellipse(mask, (140, 110), (25, 60), 0, 0, 360, 1, -1)
+    points = L.anatomy_landmarks(mask)
+    assert points["right apex"][1] == pytest.approx(30, abs=1) and points["left apex"][1] == pytest.approx(50, abs=1)
+    assert points["right apex"][0] == pytest.approx(60, abs=2) and points["left apex"][0] == pytest.approx(140, abs=2)
+    assert points["right hemidiaphragm"] == pytest.approx((60, 170), abs=1)
+    assert points["right costophrenic angle"][0] < 60 < points["right costophrenic angle"][1]
+    assert points["left costophrenic angle"][0] > 140 and points["left costophrenic angle"][1] > 130
+    assert 115 <= points["heart border"][0] < 140 and points["retrocardiac region"][1] > points["heart border"][1]
+    assert points["retrocardiac region"][0] < points["heart border"][0] + 10  # in the heart shadow, not in the lung
+    with pytest.raises(L.LungsegDataError, match="two lungs"):
+        L.anatomy_landmarks(np.zeros((50, 50), np.uint8))
+
+
+def test_simulated_opacity_whitens_inside_one_lung_and_keeps_the_mask():
+    image = np.full((128, 128), 60, np.uint8)
+    mask = np.zeros((128, 128), np.uint8)
+    cv2.ellipse(mask, (35, 64), (20, 45), 0, 0, 360, 1, -1)
+    cv2.ellipse(mask, (93, 64), (20, 45), 0, 0, 360, 1, -1)
+    transform = A.Compose([L.SimulatedOpacity(p=1.0)])
+    near_lung = cv2.dilate(mask, np.ones((15, 15), np.uint8)).astype(bool)  # the edge is softened over a few pixels
+    outputs = []
+    for seed in range(6):
+        transform.set_random_seed(seed)
+        out = transform(image=image, mask=mask)
+        assert (out["mask"] == mask).all() and (out["image"] >= image).all()
+        brighter = out["image"].astype(int) - image
+        assert brighter.sum() > 0 and brighter[~near_lung].sum() == 0
+        sides = [brighter[:, :64].sum() > 0, brighter[:, 64:].sum() > 0]
+        assert sum(sides) == 1  # one lung only
+        outputs.append(out["image"])
+    transform.set_random_seed(3)
+    assert (transform(image=image, mask=mask)["image"] == outputs[3]).all()  # repeatable by seed
+
+
+def test_travel_candidates_are_in_the_pipeline_when_asked():
+    config = L.TrainConfig(strong_photometric=True, opacity_p=0.3, framing=True, clahe=True)
+    steps = L.augmentation_for(config).transforms
+    names = {type(t).__name__ for t in steps}
+    assert {"SimulatedOpacity", "GaussNoise", "ImageCompression", "OneOf", "CLAHE"} <= names
+    affine = next(t for t in steps if type(t).__name__ == "Affine")
+    assert affine.scale["x"] == (0.75, 1.2)
+    assert not {"SimulatedOpacity", "GaussNoise", "CLAHE"} & {type(t).__name__ for t in L.augmentation_for(L.TrainConfig()).transforms}

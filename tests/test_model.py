@@ -1,6 +1,7 @@
 """Model building and weights, the loss, the metrics, training with resume, inference and the CLI."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -132,7 +133,7 @@ def test_dataset_dice_pools_pixels():
     assert L.dataset_dice(pred, target) == pytest.approx(200 / 204)
 
 
-def test_seed_batch_dice_by_hand():
+def test_writeup_batch_dice_by_hand():
     probs = np.zeros((3, 4, 4))
     target = np.zeros((3, 4, 4))
     probs[0, :2] = 0.9
@@ -141,7 +142,7 @@ def test_seed_batch_dice_by_hand():
     target[1, :2] = 1  # 4 of 8
     first = (2 * (8 + 4) + 1) / (12 + 16 + 1)
     third = 1.0  # empty both: (0 + 1) / (0 + 1)
-    assert L.seed_batch_dice(probs, target, batch_size=2) == pytest.approx((first + third) / 2)
+    assert L.writeup_batch_dice(probs, target, batch_size=2) == pytest.approx((first + third) / 2)
 
 
 def brute_force_hd95(a: np.ndarray, b: np.ndarray) -> float:
@@ -637,3 +638,124 @@ def test_print_config_names_versions_and_device(capsys):
     out = capsys.readouterr().out
     for part in (f"torch {torch.__version__}", f"segmentation_models_pytorch {smp.__version__}", "albumentations ", "numpy ", "python ", "device: cpu"):
         assert part in out, part
+
+
+def test_loss_weights_in_the_config_reach_the_training_loss(tmp_path):
+    data, val = tiny_arrays(8), tiny_arrays(4, seed=1)
+    both = L.train(data, val, tmp_path / "both", tiny_config(epochs=1))
+    bce_only = L.train(data, val, tmp_path / "bce", tiny_config(epochs=1, dice_weight=0.0))
+    # Same seed and data: the first epoch differs only by the Dice term, which is positive here.
+    assert bce_only.history.val_loss[0] < both.history.val_loss[0]
+    stored = L.read_checkpoint(tmp_path / "bce" / "best.pt")["config"]
+    assert stored["dice_weight"] == 0.0 and stored["bce_weight"] == 1.0
+
+
+def test_resume_accepts_a_checkpoint_saved_before_new_config_fields(tmp_path):
+    data, val = tiny_arrays(8), tiny_arrays(4, seed=1)
+    config = tiny_config(epochs=2)
+
+    def interrupt(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        L.train(data, val, tmp_path / "run", config, on_epoch_end=interrupt)
+    last = tmp_path / "run" / "last.pt"
+    payload = torch.load(last, weights_only=True)
+    newer = ("horizontal_flip", "clahe", "bce_weight", "dice_weight", "strong_photometric", "opacity_p", "framing")
+    for key in newer:
+        del payload["config"][key]  # as written by an older version of the module, before these fields existed
+    torch.save(payload, last)
+    resumed = L.train(data, val, tmp_path / "run", config, resume=True)  # missing fields count as their defaults
+    assert resumed.history.epoch.tolist() == [1, 2]
+    with pytest.raises(L.LungsegCheckpointError) as refusal:  # a real difference is still refused, and named
+        L.train(data, val, tmp_path / "run", dataclasses.replace(config, clahe=True), resume=True)
+    assert "clahe (stored False, now True)" in str(refusal.value)
+
+
+def test_error_legend_names_the_overlay_colours():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure = plt.figure()
+    L.error_legend(figure)
+    legend = figure.legends[0]
+    labels = [text.get_text() for text in legend.get_texts()]
+    colours = [tuple(np.round(np.array(h.get_facecolor()[:3]) * 255).astype(int)) for h in legend.legend_handles]
+    plt.close(figure)
+    assert labels == list(L.ERROR_COLOURS) and colours == [tuple(c) for c in L.ERROR_COLOURS.values()]
+
+
+def test_cpu_model_name_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9999 16-Core Processor\nflags\t\t: avx2\n")
+    assert L.cpu_model_name(cpuinfo) == "AMD EPYC 9999 16-Core Processor"
+    assert L.cpu_model_name(tmp_path / "missing")  # falls back to what platform knows
+
+
+def test_paired_difference_sees_a_small_consistent_gain_that_separate_intervals_hide():
+    rng = np.random.default_rng(0)
+    reference = rng.uniform(0.85, 0.99, 60)  # images differ a lot from each other ...
+    candidate = reference + 0.004 + rng.normal(0, 0.002, 60)  # ... the candidate adds a little to each
+    paired = L.paired_difference(candidate, reference)
+    assert 0 < paired["ci_low"] < 0.004 < paired["ci_high"] < 0.006 and paired["wins"] > 0.9
+    separate = L.summarize_scores(candidate), L.summarize_scores(reference)
+    assert separate[0]["ci_low"] < separate[1]["ci_high"]  # the separate intervals overlap all the same
+    assert L.paired_difference(reference, reference)["ci_low"] == 0.0  # no difference, no spread
+
+
+def test_paired_difference_needs_the_same_images_and_counts_undefined_scores():
+    with pytest.raises(ValueError, match="same images"):
+        L.paired_difference([0.9, 0.8], [0.9])
+    result = L.paired_difference([1.0, np.nan, 3.0, 5.0], [0.0, 1.0, 1.0, 2.0])
+    assert result["n"] == 3 and result["missing"] == 1 and result["mean_difference"] == pytest.approx(2.0)
+
+
+def test_paired_interval_has_its_nominal_coverage():
+    rng = np.random.default_rng(2)
+    hits = 0
+    for trial in range(200):
+        reference = rng.uniform(0.8, 1.0, 40)
+        candidate = reference + rng.exponential(0.01, 40) - 0.01  # true mean difference 0, skewed
+        result = L.paired_difference(candidate, reference, n_bootstrap=1000, seed=trial)
+        hits += result["ci_low"] <= 0 <= result["ci_high"]
+    assert 0.88 <= hits / 200 <= 0.985
+
+
+def test_learning_rate_schedule_rises_to_its_peak_then_decays():
+    config = L.TrainConfig(lr=1e-3, epochs=10, schedule="onecycle")
+    rates = L.learning_rate_schedule(config, steps_per_epoch=20)
+    assert len(rates) == 200 and rates.max() == pytest.approx(1e-3)
+    assert 50 <= rates.argmax() <= 70  # a warm-up over about 30% of the steps
+    assert rates[0] < 1e-4 and rates[-1] < 1e-6
+    constant = L.learning_rate_schedule(L.TrainConfig(lr=1e-4, epochs=2, schedule="constant"), 5)
+    assert (constant == 1e-4).all()
+
+
+def test_imagenet_availability_follows_cache_and_hub(monkeypatch):
+    monkeypatch.setattr(L, "_cached_imagenet_state", lambda encoder: None)
+    monkeypatch.setattr(L, "_hub_reachable", lambda: False)
+    assert L.imagenet_weights_available() is False
+    monkeypatch.setattr(L, "_hub_reachable", lambda: True)
+    assert L.imagenet_weights_available() is True
+
+
+def test_error_zones_are_disjoint_rates_that_find_the_wrong_place():
+    truth = np.zeros((200, 200), np.uint8)
+    truth[40:160, 30:90] = 1  # patient's right lung (image left)
+    truth[40:160, 110:170] = 1  # left lung
+    assert all(v == 0 for v in L.error_zones(truth, truth).values())
+    missed_heart_side = truth.copy()
+    missed_heart_side[110:135, 110:118] = 0  # lower inner edge of the left lung, where the heart border is
+    zones = L.error_zones(missed_heart_side, truth)
+    assert max(L.ERROR_ZONES, key=zones.get) == "heart border" and zones["far from the outline"] == 0
+    island = truth.copy()
+    island[5:15, 95:105] = 1  # a stray island far from both lungs
+    assert L.error_zones(island, truth)["far from the outline"] > 0
+    # A large zone does not win by its size: the same number of wrong pixels in the small apex strip
+    # gives a higher rate there than along the long rest of the outline.
+    apex_error, side_error = truth.copy(), truth.copy()
+    apex_error[40:44, 40:80] = 0
+    side_error[70:110, 30:34] = 0
+    assert L.error_zones(apex_error, truth)["apices"] > L.error_zones(side_error, truth)["rest of the outline"]

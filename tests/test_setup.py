@@ -56,7 +56,8 @@ def requirement(name: str):
 
 def test_lower_bounds_admit_no_version_without_the_apis_we_use():
     """pydicom.pixels (apply_voi_lut, apply_modality_lut) arrived in pydicom 3.0; the encoders' Hugging Face
-    repo_id, which build_model reads, and DiceLoss's smooth convention arrived in segmentation-models-pytorch 0.5."""
+    repo_id, which build_model reads, and DiceLoss's smooth convention arrived in segmentation-models-pytorch 0.5;
+    scipy.stats.bootstrap's rng argument arrived in scipy 1.15."""
     assert "2.4.4" not in requirement("pydicom").specifier and "3.0.0" in requirement("pydicom").specifier
     smp_range = requirement("segmentation-models-pytorch").specifier
     assert "0.4.0" not in smp_range and "0.5.0" in smp_range
@@ -64,6 +65,12 @@ def test_lower_bounds_admit_no_version_without_the_apis_we_use():
     import segmentation_models_pytorch as smp
 
     assert "repo_id" in smp.encoders.encoders["resnet34"]["pretrained_settings"]["imagenet"]
+    assert "1.14.1" not in requirement("scipy").specifier and "1.15.0" in requirement("scipy").specifier
+    import inspect
+
+    from scipy import stats
+
+    assert "rng" in inspect.signature(stats.bootstrap).parameters
 
 
 def test_installed_versions_satisfy_the_requirements():
@@ -178,3 +185,16 @@ def test_stored_notebooks_read_cleanly():
         assert not re.search(r"\b0%\|", outputs), f"{notebook.name}: a progress bar stuck at 0% is stored"
         state = len(json.dumps(nb["metadata"].get("widgets", {})))
         assert state < 100_000, f"{notebook.name}: {state / 1e3:.0f} kB of widget state"
+
+
+def test_stored_notebooks_are_complete_executed_runs():
+    """Every code cell has run (an execution count), and no draft marker is left in any cell."""
+    import json
+
+    for notebook in sorted((REPO / "notebooks").glob("[0-9]*.ipynb")):
+        cells = json.loads(notebook.read_text())["cells"]
+        text = "\n".join("".join(cell["source"]) for cell in cells)
+        for marker in ("PLACEHOLDER", "REVIEW AFTER FULL RUN"):
+            assert marker not in text, f"{notebook.name}: draft marker {marker!r} left"
+        unexecuted = [i for i, cell in enumerate(cells) if cell["cell_type"] == "code" and cell.get("execution_count") is None]
+        assert not unexecuted, f"{notebook.name}: code cells {unexecuted} were never executed"

@@ -61,3 +61,29 @@ def test_effusion_is_basal(pair):
 def test_unknown_shift_is_refused(pair):
     with pytest.raises(ValueError, match="Unknown shift 'fog'"):
         L.apply_shift(*pair, "fog")
+
+
+def test_shift_benchmark_pairs_every_shifted_image_with_its_clean_score():
+    import cv2
+    from conftest import StandInModel
+
+    images, masks = [], []
+    for offset in (0, 4):
+        mask = np.zeros((64, 64), np.uint8)
+        cv2.ellipse(mask, (20 + offset, 32), (9, 20), 0, 0, 360, 1, -1)
+        cv2.ellipse(mask, (44 + offset, 32), (9, 20), 0, 0, 360, 1, -1)
+        images.append(np.where(mask, 110, 220).astype(np.uint8))  # lung just darker than the model's threshold
+        masks.append(mask)
+    images, masks = np.stack(images), np.stack(masks)
+    dark_is_lung = StandInModel(lambda x: -10 * x[:, :1])  # normalised grey below ImageNet's mean -> lung
+    result = L.shift_benchmark(dark_is_lung, images, masks, ["a", "b"], shifts=("exposure", "zoom_in"), severities=(1, 3))
+    assert len(result) == 2 * (1 + 2 * 2)
+    clean = result[result["shift"] == "none"]
+    assert (clean.severity == 0).all() and (clean.dice == clean.clean_dice).all() and (clean.dice > 0.99).all()
+    assert result.equals(L.shift_benchmark(dark_is_lung, images, masks, ["a", "b"], shifts=("exposure", "zoom_in"), severities=(1, 3)))
+    summary = L.summarize_shifts(result).set_index(["shift", "severity"])
+    # a strong brightening lifts the dark lungs above the model's grey threshold: a large, measured drop
+    strong = summary.loc[("exposure", 3)]
+    assert strong["drop"] > 0.5 and strong["drop_low"] <= strong["drop"] <= strong["drop_high"]
+    # zooming in moves image and mask together (and adds no black border): a grey-level model does not care
+    assert summary.loc[("zoom_in", 3), "drop"] < 0.05

@@ -1,9 +1,9 @@
 """Time the write-up's training pipeline against this project's, on the same images and steps.
 
-    python benchmarks/seed_vs_lungseg.py            # defaults: 40 images, 5 epochs, 3000 px stand-ins
-    python benchmarks/seed_vs_lungseg.py --help
+    python benchmarks/writeup_vs_lungseg.py            # defaults: 40 images, 5 epochs, 3000 px stand-ins
+    python benchmarks/writeup_vs_lungseg.py --help
 
-The seed's way: every ``__getitem__`` decodes the full-size PNG and resizes it, fp32,
+The write-up's way: every ``__getitem__`` decodes the full-size PNG and resizes it, fp32,
 default memory format. This project's way: decode and resize once into the cache,
 bf16/fp16 autocast where supported, channels-last. Both train the same U-Net/ResNet34
 (same initial weights, Adam 1e-4, DiceBCE, batch 8, rotation ±35°) for the same
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lungseg_utils as L  # noqa: E402
 
 
-class SeedDataset(Dataset):
+class WriteupDataset(Dataset):
     """The write-up's dataset: decode the full-size PNGs and resize them on every access."""
 
     def __init__(self, image_paths: list[str], mask_paths: list[str], size: int, augment: bool):
@@ -118,13 +118,13 @@ def main() -> None:
         train_rows = train_rows.assign(image_path=image_paths, mask_paths=[(m,) for m in mask_paths])
 
         L.seed_everything(0)
-        seed_model = L.build_model("resnet34", weights=None)
+        writeup_model = L.build_model("resnet34", weights=None)
         project_model = L.build_model("resnet34", weights=None)
-        project_model.load_state_dict(seed_model.state_dict())
+        project_model.load_state_dict(writeup_model.state_dict())
 
         torch.manual_seed(0)
-        seed_loader = DataLoader(SeedDataset(image_paths, mask_paths, args.size, augment=True), batch_size=8, shuffle=True)
-        seed_seconds, seen = train_steps(seed_model, seed_loader, device, None, channels_last=False, epochs=args.epochs)
+        writeup_loader = DataLoader(WriteupDataset(image_paths, mask_paths, args.size, augment=True), batch_size=8, shuffle=True)
+        writeup_seconds, seen = train_steps(writeup_model, writeup_loader, device, None, channels_last=False, epochs=args.epochs)
 
         torch.manual_seed(0)
         started = time.perf_counter()
@@ -136,13 +136,13 @@ def main() -> None:
         project_seconds = cache_seconds + train_seconds
         assert seen == seen_project
 
-    seed_rate, project_rate = seen / seed_seconds, seen / project_seconds
-    print(f"seed pipeline    (decode every time, fp32):             {seed_seconds:7.1f} s  {seed_rate:6.1f} img/s")
+    writeup_rate, project_rate = seen / writeup_seconds, seen / project_seconds
+    print(f"write-up pipeline (decode every time, fp32):             {writeup_seconds:7.1f} s  {writeup_rate:6.1f} img/s")
     print(f"lungseg pipeline (cache {cache_seconds:.1f} s + {amp_dtype or 'fp32'}, channels-last): "
           f"{project_seconds:7.1f} s  {project_rate:6.1f} img/s")
-    print(f"speed-up end to end: {project_rate / seed_rate:.1f}x "
-          f"(training steps alone: {seed_seconds / train_seconds:.1f}x)")
-    print(f"held-out per-image Dice after these {args.epochs} epochs: seed {per_image_dice(seed_model, val_images, val_masks, device):.3f}, "
+    print(f"speed-up end to end: {project_rate / writeup_rate:.1f}x "
+          f"(training steps alone: {writeup_seconds / train_seconds:.1f}x)")
+    print(f"held-out per-image Dice after these {args.epochs} epochs: write-up {per_image_dice(writeup_model, val_images, val_masks, device):.3f}, "
           f"lungseg {per_image_dice(project_model, val_images, val_masks, device):.3f} (16 validation images; short training, noisy)")
 
 

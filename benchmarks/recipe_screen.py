@@ -1,0 +1,134 @@
+"""Screen training recipes for how well they travel to a hospital they never saw (validation parts only).
+
+    python benchmarks/recipe_screen.py baseline travel      # one or more candidates, run one after the other
+    python benchmarks/recipe_screen.py --list               # the candidates
+
+Each candidate trains chapter 04's single-hospital model: Montgomery's training part
+(96 X-rays) at 256 px, 20 epochs at most, early stopping on Montgomery's validation part.
+It is then scored on the validation parts of both hospitals (14 Montgomery, 57 Shenzhen
+X-rays), as they are and under every acquisition shift of ``L.apply_shift`` at moderate
+severity. The test part is never touched: this is for choosing. Per-image scores go to
+``results/recipe-screen/<candidate>.csv``; the summary, with paired differences against
+``baseline`` (same images, BCa intervals), is appended to ``results/recipe-screen/run.log``.
+A candidate takes about 25 minutes on a 2-core CPU in fp32 (1.5 training images/s).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lungseg_utils as L  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "recipe-screen"
+SIZE = 256
+CANDIDATES: dict[str, dict] = {
+    "baseline": {},  # chapter 03's recipe
+    "strong_photometric": dict(strong_photometric=True),
+    "opacity": dict(opacity_p=0.3),
+    "framing": dict(framing=True),
+    "clahe": dict(clahe=True),
+    "travel": dict(strong_photometric=True, clahe=True, framing=True, opacity_p=0.3),
+}
+
+
+def augmentation_rate(config: L.TrainConfig, images: np.ndarray, masks: np.ndarray, repeats: int = 200) -> float:
+    """Images per second that the candidate's augmentation alone delivers on one core."""
+    transform = L.augmentation_for(config)
+    transform.set_random_seed(0)
+    started = time.perf_counter()
+    for i in range(repeats):
+        transform(image=images[i % len(images)], mask=masks[i % len(masks)])
+    return repeats / (time.perf_counter() - started)
+
+
+def score_candidate(name: str, split: dict[str, pd.DataFrame], log, epochs: int) -> pd.DataFrame:
+    """Train the candidate and return its per-image Dice on both validation parts, clean and shifted."""
+    config = L.TrainConfig(image_size=SIZE, epochs=epochs, **CANDIDATES[name])
+    montgomery = {part: rows[rows.source == "Montgomery"] for part, rows in split.items()}
+    train_arrays = L.load_arrays(montgomery["train"], SIZE)
+    log(f"candidate {name}: {CANDIDATES[name] or 'chapter 03 recipe'}; augmentation alone "
+        f"{augmentation_rate(config, *train_arrays):.0f} images/s")
+    with tempfile.TemporaryDirectory() as folder:
+        result = L.train(train_arrays, L.load_arrays(montgomery["val"], SIZE), Path(folder) / name, config)
+    log(f"  trained on {len(train_arrays[0])} Montgomery images: best epoch {result.best_epoch} of {len(result.history)}, "
+        f"{result.wall_seconds / 60:.1f} min, {result.history.train_images_per_s.median():.2f} training images/s")
+    val_rows = split["val"].reset_index(drop=True)
+    images, masks = L.load_arrays(val_rows, SIZE)
+    scores = L.shift_benchmark(result.model, images, masks, list(val_rows.name), severities=(2,))
+    scores["source"] = list(val_rows.source) * (len(scores) // len(val_rows))
+    scores["candidate"] = name
+    return scores
+
+
+def summarize(scores: pd.DataFrame, baseline: pd.DataFrame | None, log) -> None:
+    """Mean Dice per hospital, clean and over all shifts, with paired differences against the baseline."""
+    groups = {
+        "Montgomery val, clean": (scores.source == "Montgomery") & (scores["shift"] == "none"),
+        "Shenzhen val, clean (the other hospital)": (scores.source == "Shenzhen") & (scores["shift"] == "none"),
+        "both val parts, 16 shifts at moderate severity": scores["shift"] != "none",
+    }
+    for label, chosen in groups.items():
+        line = f"  {label}: mean Dice {scores.dice[chosen].mean():.4f} (n={chosen.sum()})"
+        if baseline is not None:
+            merged = scores[chosen].merge(baseline, on=["name", "shift"], suffixes=("", "_baseline"))
+            diff = L.paired_difference(merged.dice, merged.dice_baseline)
+            line += (f"; against baseline {diff['mean_difference']:+.4f} [{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}], "
+                     f"better on {diff['wins']:.0%} of images")
+        log(line)
+    shifted = scores[scores["shift"] != "none"]
+    drop = L.paired_difference(shifted.clean_dice, shifted.dice)
+    log(f"  drop under the shifts from the same images clean: {drop['mean_difference']:.4f} "
+        f"[{drop['ci_low']:.4f}, {drop['ci_high']:.4f}]; masks flagged as implausible: clean {scores.warned[scores['shift'] == 'none'].mean():.0%}, "
+        f"shifted {shifted.warned.mean():.0%}")
+    worst = shifted.groupby("shift").dice.mean().sort_values().head(4)
+    log("  hardest shifts: " + ", ".join(f"{shift} {dice:.4f}" for shift, dice in worst.items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("candidates", nargs="*", metavar="CANDIDATE")
+    parser.add_argument("--list", action="store_true", help="print the candidates and exit")
+    parser.add_argument("--epochs", type=int, default=20, help="at most this many epochs (20, as chapter 04)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the log and the per-image scores")
+    args = parser.parse_args()
+    unknown = [name for name in args.candidates if name not in CANDIDATES]
+    if args.list or not args.candidates or unknown:
+        if unknown:
+            print(f"unknown candidate(s): {', '.join(unknown)}; choose from:")
+        for name, options in CANDIDATES.items():
+            print(f"{name:20s} {options or 'chapter 03 recipe'}")
+        sys.exit(1 if unknown else 0)
+    results = args.out
+    results.mkdir(parents=True, exist_ok=True)
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        with open(results / "run.log", "a") as handle:
+            handle.write(line + "\n")
+
+    table = L.build_pairs_table(L.find_data_dir())
+    split = L.three_way_split(table)
+    log(f"--- {time.strftime('%Y-%m-%d %H:%M')}; {L.describe_data(table)}; at most {args.epochs} epochs")
+    log(" | ".join(f"{k} {v}" for k, v in L.library_versions().items()) + f" | {L.cpu_model_name()}, {torch.get_num_threads()} threads")
+    for name in args.candidates:
+        scores = score_candidate(name, split, log, args.epochs)
+        scores.to_csv(results / f"{name}.csv", index=False)
+        baseline_file = results / "baseline.csv"
+        baseline = pd.read_csv(baseline_file)[["name", "shift", "dice"]] if name != "baseline" and baseline_file.is_file() else None
+        summarize(scores, baseline, log)
+
+
+if __name__ == "__main__":
+    main()
