@@ -1562,8 +1562,8 @@ class TrainResult:
 def augmentation_for(config: TrainConfig) -> A.Compose:
     """The training augmentation that ``config`` asks for (:func:`train_transforms`)."""
     return train_transforms(
-        config.rotate_limit, config.photometric, config.horizontal_flip, config.clahe,
-        config.strong_photometric, config.opacity_p, config.framing,
+        rotate_limit=config.rotate_limit, photometric=config.photometric, horizontal_flip=config.horizontal_flip,
+        clahe=config.clahe, strong_photometric=config.strong_photometric, opacity_p=config.opacity_p, framing=config.framing,
     )
 
 

@@ -315,17 +315,22 @@ def test_history_follows_last_checkpoint_if_the_csv_write_was_lost(tmp_path):
     assert pd.read_csv(history_file).epoch.tolist() == [1, 2, 3]
 
 
-def test_grad_scaler_state_is_saved_and_restored(tmp_path, monkeypatch):
-    """fp16 autocast needs a GradScaler; its scale must survive a resume (forced here on the CPU)."""
-    monkeypatch.setattr(L, "autocast_dtype", lambda device: torch.float16)
-    data, val = tiny_arrays(8), tiny_arrays(4, seed=1)
-    config = tiny_config(epochs=2)
+def interrupted_after_first_epoch(data, val, run_dir, config) -> None:
+    """Start a run and stop it (as a kernel interrupt would) right after its first epoch."""
 
     def interrupt(record):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        L.train(data, val, tmp_path / "run", config, on_epoch_end=interrupt)
+        L.train(data, val, run_dir, config, on_epoch_end=interrupt)
+
+
+def test_grad_scaler_state_is_saved_and_restored(tmp_path, monkeypatch):
+    """fp16 autocast needs a GradScaler; its scale must survive a resume (forced here on the CPU)."""
+    monkeypatch.setattr(L, "autocast_dtype", lambda device: torch.float16)
+    data, val = tiny_arrays(8), tiny_arrays(4, seed=1)
+    config = tiny_config(epochs=2)
+    interrupted_after_first_epoch(data, val, tmp_path / "run", config)
     stored = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["scaler_state"]
     assert stored and stored["scale"] > 0
     restored = {}
@@ -653,12 +658,7 @@ def test_loss_weights_in_the_config_reach_the_training_loss(tmp_path):
 def test_resume_accepts_a_checkpoint_saved_before_new_config_fields(tmp_path):
     data, val = tiny_arrays(8), tiny_arrays(4, seed=1)
     config = tiny_config(epochs=2)
-
-    def interrupt(record):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        L.train(data, val, tmp_path / "run", config, on_epoch_end=interrupt)
+    interrupted_after_first_epoch(data, val, tmp_path / "run", config)
     last = tmp_path / "run" / "last.pt"
     payload = torch.load(last, weights_only=True)
     newer = ("horizontal_flip", "clahe", "bce_weight", "dice_weight", "strong_photometric", "opacity_p", "framing")
