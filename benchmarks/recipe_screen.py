@@ -2,15 +2,25 @@
 
     python benchmarks/recipe_screen.py baseline travel      # one or more candidates, run one after the other
     python benchmarks/recipe_screen.py --list               # the candidates
+    python benchmarks/recipe_screen.py --train-on all --seeds 2 baseline travel   # full-size confirmation
 
-Each candidate trains chapter 04's single-hospital model: Montgomery's training part
-(96 X-rays) at 256 px, 20 epochs at most, early stopping on Montgomery's validation part.
-It is then scored on the validation parts of both hospitals (14 Montgomery, 57 Shenzhen
-X-rays), as they are and under every acquisition shift of ``L.apply_shift`` at moderate
-severity. The test part is never touched: this is for choosing. Per-image scores go to
-``results/recipe-screen/<candidate>.csv``; the summary, with paired differences against
-``baseline`` (same images, BCa intervals), is appended to ``results/recipe-screen/run.log``.
-A candidate takes about 25 minutes on a 2-core CPU in fp32 (1.5 training images/s).
+By default each candidate trains chapter 06's single-hospital model: Montgomery's training
+part (96 X-rays) at 256 px, 20 epochs at most, early stopping on Montgomery's validation
+part. ``--train-on all`` trains chapter 03's model instead (both hospitals' training parts,
+early stopping on both validation parts); Shenzhen's validation part then no longer measures
+another hospital. Each model is scored on the validation parts of both hospitals (14
+Montgomery, 57 Shenzhen X-rays), as they are and under every acquisition shift of
+``L.apply_shift`` at moderate severity. The test part is never touched: this is for choosing.
+``--seeds N`` trains each candidate with N seeds; comparisons then average each image's Dice
+over the seeds before pairing it with the baseline's. Per-image scores go to
+``<out>/<candidate>.csv``; the summary, with paired differences against ``baseline`` (same
+images, BCa intervals), is appended to ``<out>/run.log``, with the device, the seconds per
+epoch and, on a GPU, the peak memory. A Montgomery candidate takes about 25 minutes on a
+2-core CPU in fp32 (1.5 training images/s); ``--train-on all`` five times as long.
+
+On a lent GPU without the PNGs, first write a 256 px copy of the data in the Kaggle layout
+under the ignored ``data/`` folder (``python benchmarks/pack_data.py``), carry it, and point
+``LUNGSEG_DATA_DIR`` at it: the arrays, and so the scores, are the same as from the full copy.
 """
 from __future__ import annotations
 
@@ -53,30 +63,45 @@ def augmentation_rate(config: L.TrainConfig, images: np.ndarray, masks: np.ndarr
     return repeats / (time.perf_counter() - started)
 
 
-def score_candidate(name: str, split: dict[str, pd.DataFrame], log, epochs: int) -> pd.DataFrame:
-    """Train the candidate and return its per-image Dice on both validation parts, clean and shifted."""
-    config = L.TrainConfig(image_size=SIZE, epochs=epochs, **CANDIDATES[name])
-    montgomery = {part: rows[rows.source == "Montgomery"] for part, rows in split.items()}
-    train_arrays = L.load_arrays(montgomery["train"], SIZE)
-    log(f"candidate {name}: {CANDIDATES[name] or 'chapter 03 recipe'}; augmentation alone "
+def score_candidate(
+    name: str, split: dict[str, pd.DataFrame], log, epochs: int, train_on: str, seed: int
+) -> pd.DataFrame:
+    """Train the candidate with one seed and return its per-image Dice on both validation parts, clean and shifted."""
+    config = L.TrainConfig(image_size=SIZE, epochs=epochs, seed=seed, **CANDIDATES[name])
+    chosen = split if train_on == "all" else {part: rows[rows.source == "Montgomery"] for part, rows in split.items()}
+    train_arrays = L.load_arrays(chosen["train"], SIZE)
+    log(f"candidate {name}, seed {seed}: {CANDIDATES[name] or 'chapter 03 recipe'}; augmentation alone "
         f"{augmentation_rate(config, *train_arrays):.0f} images/s")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as folder:
-        result = L.train(train_arrays, L.load_arrays(montgomery["val"], SIZE), Path(folder) / name, config)
-    log(f"  trained on {len(train_arrays[0])} Montgomery images: best epoch {result.best_epoch} of {len(result.history)}, "
-        f"{result.wall_seconds / 60:.1f} min, {result.history.train_images_per_s.median():.2f} training images/s")
+        result = L.train(train_arrays, L.load_arrays(chosen["val"], SIZE), Path(folder) / name, config)
+    memory = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""
+    log(f"  trained on {len(train_arrays[0])} images ({train_on}) on {result.device}: best epoch {result.best_epoch} of "
+        f"{len(result.history)}, {result.wall_seconds / 60:.1f} min, median {result.history.epoch_seconds.median():.1f} s "
+        f"per epoch, {result.history.train_images_per_s.median():.2f} training images/s{memory}")
     val_rows = split["val"].reset_index(drop=True)
     images, masks = L.load_arrays(val_rows, SIZE)
     scores = L.shift_benchmark(result.model, images, masks, list(val_rows.name), severities=(2,))
     scores["source"] = list(val_rows.source) * (len(scores) // len(val_rows))
     scores["candidate"] = name
+    scores["seed"] = seed
     return scores
 
 
-def summarize(scores: pd.DataFrame, baseline: pd.DataFrame | None, log) -> None:
-    """Mean Dice per hospital, clean and over all shifts, with paired differences against the baseline."""
+def summarize(scores: pd.DataFrame, baseline: pd.DataFrame | None, log, train_on: str) -> None:
+    """Mean Dice per hospital, clean and over all shifts, with paired differences against the baseline.
+
+    With several seeds, each image's Dice is first averaged over the seeds.
+    """
+    per_seed = scores.groupby("seed").apply(lambda s: s.dice[s["shift"] == "none"].mean(), include_groups=False)
+    if len(per_seed) > 1:
+        log("  clean validation Dice per seed: " + ", ".join(f"{seed} {dice:.4f}" for seed, dice in per_seed.items()))
+    scores = scores.groupby(["name", "shift", "source"], as_index=False)[["dice", "clean_dice", "warned"]].mean()
+    other = "Shenzhen val, clean (the other hospital)" if train_on == "montgomery" else "Shenzhen val, clean"
     groups = {
         "Montgomery val, clean": (scores.source == "Montgomery") & (scores["shift"] == "none"),
-        "Shenzhen val, clean (the other hospital)": (scores.source == "Shenzhen") & (scores["shift"] == "none"),
+        other: (scores.source == "Shenzhen") & (scores["shift"] == "none"),
         "both val parts, 16 shifts at moderate severity": scores["shift"] != "none",
     }
     for label, chosen in groups.items():
@@ -100,7 +125,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("candidates", nargs="*", metavar="CANDIDATE")
     parser.add_argument("--list", action="store_true", help="print the candidates and exit")
-    parser.add_argument("--epochs", type=int, default=20, help="at most this many epochs (20, as chapter 04)")
+    parser.add_argument("--epochs", type=int, default=20, help="at most this many epochs (20, as chapters 03 and 06)")
+    parser.add_argument("--train-on", choices=("montgomery", "all"), default="montgomery",
+                        help="Montgomery's 96 training X-rays (default) or both hospitals' training parts")
+    parser.add_argument("--seeds", type=int, default=1, help="train each candidate with this many seeds (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the log and the per-image scores")
     args = parser.parse_args()
     unknown = [name for name in args.candidates if name not in CANDIDATES]
@@ -120,15 +148,19 @@ def main() -> None:
 
     table = L.build_pairs_table(L.find_data_dir())
     split = L.three_way_split(table)
-    log(f"--- {time.strftime('%Y-%m-%d %H:%M')}; {L.describe_data(table)}; at most {args.epochs} epochs")
-    log(" | ".join(f"{k} {v}" for k, v in L.library_versions().items()) + f" | {L.cpu_model_name()}, {torch.get_num_threads()} threads")
+    log(f"--- {time.strftime('%Y-%m-%d %H:%M')}; {L.describe_data(table)}; trained on {args.train_on}; "
+        f"at most {args.epochs} epochs; {args.seeds} seed(s)")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{L.cpu_model_name()}, {torch.get_num_threads()} threads"
+    log(" | ".join(f"{k} {v}" for k, v in L.library_versions().items()) + f" | {device}")
+    seeds = [L.SEED + i for i in range(args.seeds)]
     for name in args.candidates:
-        scores = score_candidate(name, split, log, args.epochs)
+        scores = pd.concat([score_candidate(name, split, log, args.epochs, args.train_on, seed) for seed in seeds])
         scores.to_csv(results / f"{name}.csv", index=False)
         baseline_file = results / "baseline.csv"
-        baseline = pd.read_csv(baseline_file)[["name", "shift", "dice"]] if name != "baseline" and baseline_file.is_file() else None
-        summarize(scores, baseline, log)
-
+        baseline = None
+        if name != "baseline" and baseline_file.is_file():
+            baseline = pd.read_csv(baseline_file).groupby(["name", "shift"], as_index=False).dice.mean()
+        summarize(scores, baseline, log, args.train_on)
 
 if __name__ == "__main__":
     main()

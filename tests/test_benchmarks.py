@@ -1,0 +1,65 @@
+"""The benchmark scripts' own logic: the packed copy for a lent GPU, and the recipe screen's summary."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO, write_kaggle_layout
+
+import lungseg_utils as L
+
+
+def load_script(name: str):
+    """Import ``benchmarks/<name>.py`` as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_packed_copy_gives_identical_arrays_and_refuses_to_overwrite(tmp_path, monkeypatch):
+    pack = load_script("pack_data")
+    write_kaggle_layout(tmp_path / "original", size=96)
+    monkeypatch.setenv("LUNGSEG_DATA_DIR", str(tmp_path / "original"))
+    out = tmp_path / "packed"
+    monkeypatch.setattr(sys, "argv", ["pack_data.py", "--size", "64", "--out", str(out)])
+    pack.main()
+    original, packed = L.build_pairs_table(tmp_path / "original"), L.build_pairs_table(out)
+    assert sorted(packed.name) == sorted(original.name)
+    assert packed.labeled.sum() == original.labeled.sum() == 8
+    labeled = original[original.labeled].sort_values("name")
+    copy = packed[packed.labeled].sort_values("name")
+    for a, b in zip(L.load_arrays(labeled, 64), L.load_arrays(copy, 64)):
+        assert np.array_equal(a, b)
+    with pytest.raises(SystemExit, match="already exists"):
+        pack.main()
+
+
+def screen_scores(seed: int, offset: float) -> pd.DataFrame:
+    """Per-image scores shaped like ``shift_benchmark``'s, for two images of each hospital and one shift."""
+    names = ["MCUCXR_0001_0", "MCUCXR_0002_1", "CHNCXR_0001_0", "CHNCXR_0002_1"]
+    rows = []
+    for shift in ("none", "blur"):
+        for i, name in enumerate(names):
+            clean = 0.95 + 0.01 * i + offset
+            rows.append(dict(name=name, shift=shift, severity=0 if shift == "none" else 2, seed=seed,
+                             source="Montgomery" if name.startswith("MC") else "Shenzhen", warned=False,
+                             clean_dice=clean, dice=clean - (0.0 if shift == "none" else 0.02)))
+    return pd.DataFrame(rows)
+
+
+def test_screen_summary_averages_seeds_and_pairs_with_the_baseline():
+    screen = load_script("recipe_screen")
+    lines: list[str] = []
+    scores = pd.concat([screen_scores(42, 0.0), screen_scores(43, 0.01)])
+    baseline = screen_scores(42, -0.005).groupby(["name", "shift"], as_index=False).dice.mean()
+    screen.summarize(scores, baseline, lines.append, "all")
+    text = "\n".join(lines)
+    assert "clean validation Dice per seed: 42 0.9650, 43 0.9750" in text
+    assert "Montgomery val, clean: mean Dice 0.9600 (n=2); against baseline +0.0100" in text
+    assert "Shenzhen val, clean: mean" in text and "the other hospital" not in text
+    assert "drop under the shifts from the same images clean: 0.0200" in text
