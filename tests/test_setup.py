@@ -198,3 +198,18 @@ def test_stored_notebooks_are_complete_executed_runs():
             assert marker not in text, f"{notebook.name}: draft marker {marker!r} left"
         unexecuted = [i for i, cell in enumerate(cells) if cell["cell_type"] == "code" and cell.get("execution_count") is None]
         assert not unexecuted, f"{notebook.name}: code cells {unexecuted} were never executed"
+
+
+def test_links_between_chapters_and_files_lead_somewhere():
+    """Every relative link in the notebooks' markdown and in the README points to a file that exists."""
+    import json
+
+    sources = {REPO / "README.md": (REPO / "README.md").read_text()}
+    for notebook in sorted((REPO / "notebooks").glob("[0-9]*.ipynb")):
+        cells = json.loads(notebook.read_text())["cells"]
+        sources[notebook] = "\n".join("".join(cell["source"]) for cell in cells if cell["cell_type"] == "markdown")
+    for path, text in sources.items():
+        for target in re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # a web address
+            assert (path.parent / target).exists(), f"{path.name} links to {target}, which does not exist"
