@@ -94,7 +94,7 @@ def summarize(scores: pd.DataFrame, baseline: pd.DataFrame | None, log, train_on
 
     With several seeds, each image's Dice is first averaged over the seeds.
     """
-    per_seed = scores.groupby("seed").apply(lambda s: s.dice[s["shift"] == "none"].mean(), include_groups=False)
+    per_seed = scores[scores["shift"] == "none"].groupby("seed").dice.mean()
     if len(per_seed) > 1:
         log("  clean validation Dice per seed: " + ", ".join(f"{seed} {dice:.4f}" for seed, dice in per_seed.items()))
     scores = scores.groupby(["name", "shift", "source"], as_index=False)[["dice", "clean_dice", "warned"]].mean()
