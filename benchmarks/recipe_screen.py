@@ -3,6 +3,8 @@
     python benchmarks/recipe_screen.py baseline travel      # one or more candidates, run one after the other
     python benchmarks/recipe_screen.py --list               # the candidates
     python benchmarks/recipe_screen.py --train-on all --seeds 2 baseline travel   # full-size confirmation
+    python benchmarks/recipe_screen.py --train-on all --out results/x --checkpoint runs/dicebce-256px/best.pt travel
+                                                            # score a trained model (chapter 03's) as that candidate
 
 By default each candidate trains chapter 06's single-hospital model: Montgomery's training
 part (96 X-rays) at 256 px, 20 epochs at most, early stopping on Montgomery's validation
@@ -43,14 +45,16 @@ import lungseg_utils as L  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "recipe-screen"
 SIZE = 256
-CANDIDATES: dict[str, dict] = {
-    "baseline": {},  # chapter 03's recipe
-    "strong_photometric": dict(strong_photometric=True),
-    "opacity": dict(opacity_p=0.3),
-    "framing": dict(framing=True),
-    "clahe": dict(clahe=True),
-    "travel": dict(strong_photometric=True, clahe=True, framing=True, opacity_p=0.3),
+FIRST_RECIPE = dict(strong_photometric=False, clahe=False, framing=False, opacity_p=0.0)
+CANDIDATES: dict[str, dict] = {  # each written out in full: the defaults of TrainConfig may change
+    "baseline": FIRST_RECIPE,  # chapter 03's first recipe
+    "strong_photometric": FIRST_RECIPE | dict(strong_photometric=True),
+    "opacity": FIRST_RECIPE | dict(opacity_p=0.3),
+    "framing": FIRST_RECIPE | dict(framing=True),
+    "clahe": FIRST_RECIPE | dict(clahe=True),
+    "travel": dict(strong_photometric=True, clahe=True, framing=True, opacity_p=0.3),  # chapter 03's recipe since issue 10
 }
+AUGMENTATION_FIELDS = tuple(FIRST_RECIPE)
 
 
 def augmentation_rate(config: L.TrainConfig, images: np.ndarray, masks: np.ndarray, repeats: int = 200) -> float:
@@ -70,7 +74,7 @@ def score_candidate(
     config = L.TrainConfig(image_size=SIZE, epochs=epochs, seed=seed, **CANDIDATES[name])
     chosen = split if train_on == "all" else {part: rows[rows.source == "Montgomery"] for part, rows in split.items()}
     train_arrays = L.load_arrays(chosen["train"], SIZE)
-    log(f"candidate {name}, seed {seed}: {CANDIDATES[name] or 'chapter 03 recipe'}; augmentation alone "
+    log(f"candidate {name}, seed {seed}: {CANDIDATES[name]}; augmentation alone "
         f"{augmentation_rate(config, *train_arrays):.0f} images/s")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -80,13 +84,29 @@ def score_candidate(
     log(f"  trained on {len(train_arrays[0])} images ({train_on}) on {result.device}: best epoch {result.best_epoch} of "
         f"{len(result.history)}, {result.wall_seconds / 60:.1f} min, median {result.history.epoch_seconds.median():.1f} s "
         f"per epoch, {result.history.train_images_per_s.median():.2f} training images/s{memory}")
+    return score_model(result.model, split, name, seed)
+
+
+def score_model(model: torch.nn.Module, split: dict[str, pd.DataFrame], name: str, seed: int) -> pd.DataFrame:
+    """Per-image Dice of ``model`` on both validation parts, clean and under every shift at moderate severity."""
     val_rows = split["val"].reset_index(drop=True)
     images, masks = L.load_arrays(val_rows, SIZE)
-    scores = L.shift_benchmark(result.model, images, masks, list(val_rows.name), severities=(2,))
+    scores = L.shift_benchmark(model, images, masks, list(val_rows.name), severities=(2,))
     scores["source"] = list(val_rows.source) * (len(scores) // len(val_rows))
     scores["candidate"] = name
     scores["seed"] = seed
     return scores
+
+
+def load_candidate_checkpoint(name: str, path: Path) -> torch.nn.Module:
+    """A trained checkpoint whose stored augmentation is candidate ``name``'s (else SystemExit, naming both)."""
+    model = L.load_checkpoint(path, L.pick_device())
+    asked = L.TrainConfig(**CANDIDATES[name])
+    stored = {key: model.lungseg_config.get(key) for key in AUGMENTATION_FIELDS}
+    expected = {key: getattr(asked, key) for key in AUGMENTATION_FIELDS}
+    if stored != expected:
+        sys.exit(f"{path} was trained with {stored}, not candidate {name!r} ({expected}): name the right candidate.")
+    return model
 
 
 def summarize(scores: pd.DataFrame, baseline: pd.DataFrame | None, log, train_on: str) -> None:
@@ -130,13 +150,17 @@ def main() -> None:
                         help="Montgomery's 96 training X-rays (default) or both hospitals' training parts")
     parser.add_argument("--seeds", type=int, default=1, help="train each candidate with this many seeds (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the log and the per-image scores")
+    parser.add_argument("--checkpoint", type=Path, help="score this trained checkpoint of the (one) candidate named, "
+                        "instead of training it: e.g. chapter 03's model, to confirm a candidate at full size")
     args = parser.parse_args()
     unknown = [name for name in args.candidates if name not in CANDIDATES]
+    if args.checkpoint and len(args.candidates) != 1:
+        parser.error("--checkpoint scores one checkpoint: name the one candidate it was trained as")
     if args.list or not args.candidates or unknown:
         if unknown:
             print(f"unknown candidate(s): {', '.join(unknown)}; choose from:")
         for name, options in CANDIDATES.items():
-            print(f"{name:20s} {options or 'chapter 03 recipe'}")
+            print(f"{name:20s} {options}")
         sys.exit(1 if unknown else 0)
     results = args.out
     results.mkdir(parents=True, exist_ok=True)
@@ -154,7 +178,13 @@ def main() -> None:
     log(" | ".join(f"{k} {v}" for k, v in L.library_versions().items()) + f" | {device}")
     seeds = [L.SEED + i for i in range(args.seeds)]
     for name in args.candidates:
-        scores = pd.concat([score_candidate(name, split, log, args.epochs, args.train_on, seed) for seed in seeds])
+        if args.checkpoint:
+            model = load_candidate_checkpoint(name, args.checkpoint)
+            log(f"candidate {name}: checkpoint {args.checkpoint.name} (epoch {model.lungseg_config['epoch']}, seed "
+                f"{model.lungseg_config['seed']}, {model.lungseg_config['image_size']} px), scored without training")
+            scores = score_model(model, split, name, model.lungseg_config["seed"])
+        else:
+            scores = pd.concat([score_candidate(name, split, log, args.epochs, args.train_on, seed) for seed in seeds])
         scores.to_csv(results / f"{name}.csv", index=False)
         baseline_file = results / "baseline.csv"
         baseline = None

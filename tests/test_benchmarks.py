@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -63,3 +62,14 @@ def test_screen_summary_averages_seeds_and_pairs_with_the_baseline():
     assert "Montgomery val, clean: mean Dice 0.9600 (n=2); against baseline +0.0100" in text
     assert "Shenzhen val, clean: mean" in text and "the other hospital" not in text
     assert "drop under the shifts from the same images clean: 0.0200" in text
+
+
+def test_screen_scores_a_checkpoint_only_as_the_candidate_it_was_trained_as(tmp_path):
+    screen = load_script("recipe_screen")
+    assert screen.CANDIDATES["travel"] == {key: getattr(L.TrainConfig(), key) for key in screen.AUGMENTATION_FIELDS}
+    path = tmp_path / "best.pt"
+    config = L.TrainConfig(encoder="resnet18", image_size=64, **screen.CANDIDATES["baseline"])
+    L.save_checkpoint(path, L.build_model("resnet18", weights=None), config, epoch=3, val_loss=0.5)
+    assert screen.load_candidate_checkpoint("baseline", path).lungseg_config["epoch"] == 3
+    with pytest.raises(SystemExit, match="not candidate 'travel'"):
+        screen.load_candidate_checkpoint("travel", path)

@@ -320,11 +320,14 @@ def test_simulated_opacity_whitens_inside_one_lung_and_keeps_the_mask():
     assert (transform(image=image, mask=mask)["image"] == outputs[3]).all()  # repeatable by seed
 
 
-def test_travel_candidates_are_in_the_pipeline_when_asked():
-    config = L.TrainConfig(strong_photometric=True, opacity_p=0.3, framing=True, clahe=True)
-    steps = L.augmentation_for(config).transforms
+def test_the_default_recipe_has_the_travel_augmentations_and_the_first_recipe_has_none():
+    steps = L.augmentation_for(L.TrainConfig()).transforms
     names = {type(t).__name__ for t in steps}
     assert {"SimulatedOpacity", "GaussNoise", "ImageCompression", "OneOf", "CLAHE"} <= names
     affine = next(t for t in steps if type(t).__name__ == "Affine")
     assert affine.scale["x"] == (0.75, 1.2)
-    assert not {"SimulatedOpacity", "GaussNoise", "CLAHE"} & {type(t).__name__ for t in L.augmentation_for(L.TrainConfig()).transforms}
+    assert L.augmentation_for(L.TrainConfig()).to_dict() == L.train_transforms().to_dict()  # one recipe, one place
+    first_recipe = L.TrainConfig(**L.BEFORE_FIELD_EXISTED)
+    first_steps = L.augmentation_for(first_recipe).transforms
+    assert not {"SimulatedOpacity", "GaussNoise", "CLAHE"} & {type(t).__name__ for t in first_steps}
+    assert next(t for t in first_steps if type(t).__name__ == "Affine").scale["x"] == (0.9, 1.1)

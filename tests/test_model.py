@@ -1,7 +1,6 @@
 """Model building and weights, the loss, the metrics, training with resume, inference and the CLI."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -657,7 +656,7 @@ def test_loss_weights_in_the_config_reach_the_training_loss(tmp_path):
 
 def test_resume_accepts_a_checkpoint_saved_before_new_config_fields(tmp_path):
     data, val = tiny_arrays(8), tiny_arrays(4, seed=1)
-    config = tiny_config(epochs=2)
+    config = tiny_config(epochs=2, **L.BEFORE_FIELD_EXISTED)  # the augmentation older versions ran
     interrupted_after_first_epoch(data, val, tmp_path / "run", config)
     last = tmp_path / "run" / "last.pt"
     payload = torch.load(last, weights_only=True)
@@ -665,11 +664,11 @@ def test_resume_accepts_a_checkpoint_saved_before_new_config_fields(tmp_path):
     for key in newer:
         del payload["config"][key]  # as written by an older version of the module, before these fields existed
     torch.save(payload, last)
-    resumed = L.train(data, val, tmp_path / "run", config, resume=True)  # missing fields count as their defaults
+    resumed = L.train(data, val, tmp_path / "run", config, resume=True)  # missing fields count as what older runs did
     assert resumed.history.epoch.tolist() == [1, 2]
-    with pytest.raises(L.LungsegCheckpointError) as refusal:  # a real difference is still refused, and named
-        L.train(data, val, tmp_path / "run", dataclasses.replace(config, clahe=True), resume=True)
-    assert "clahe (stored False, now True)" in str(refusal.value)
+    with pytest.raises(L.LungsegCheckpointError) as refusal:  # today's defaults differ from what that run did: refused, named
+        L.train(data, val, tmp_path / "run", tiny_config(epochs=2), resume=True)
+    assert "clahe (stored False, now True)" in str(refusal.value) and "framing (stored False, now True)" in str(refusal.value)
 
 
 def test_error_legend_names_the_overlay_colours():
