@@ -2,6 +2,7 @@
 
     python benchmarks/recipe_screen.py baseline travel      # one or more candidates, run one after the other
     python benchmarks/recipe_screen.py --list               # the candidates
+    python benchmarks/recipe_screen.py --from-scores travel # summarize stored scores again, without training
     python benchmarks/recipe_screen.py --train-on all --seeds 2 baseline travel   # full-size confirmation
     python benchmarks/recipe_screen.py --train-on all --out results/x --checkpoint runs/dicebce-256px/best.pt travel
                                                             # score a trained model (chapter 03's) as that candidate
@@ -139,6 +140,12 @@ def summarize(scores: pd.DataFrame, baseline: pd.DataFrame | None, log, train_on
         f"shifted {shifted.warned.mean():.0%}")
     worst = shifted.groupby("shift").dice.mean().sort_values().head(4)
     log("  hardest shifts: " + ", ".join(f"{shift} {dice:.4f}" for shift, dice in worst.items()))
+    if baseline is not None:
+        merged = shifted.merge(baseline, on=["name", "shift"], suffixes=("", "_baseline"))
+        per_shift = {shift: L.paired_difference(rows.dice, rows.dice_baseline) for shift, rows in merged.groupby("shift")}
+        ranked = sorted(per_shift.items(), key=lambda item: item[1]["mean_difference"])
+        log("  per shift against baseline: " + ", ".join(
+            f"{shift} {d['mean_difference']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" for shift, d in ranked))
 
 
 def main() -> None:
@@ -150,6 +157,8 @@ def main() -> None:
                         help="Montgomery's 96 training X-rays (default) or both hospitals' training parts")
     parser.add_argument("--seeds", type=int, default=1, help="train each candidate with this many seeds (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the log and the per-image scores")
+    parser.add_argument("--from-scores", action="store_true",
+                        help="summarize the per-image scores stored in the --out folder again, without training")
     parser.add_argument("--checkpoint", type=Path, help="score this trained checkpoint of the (one) candidate named, "
                         "instead of training it: e.g. chapter 03's model, to confirm a candidate at full size")
     args = parser.parse_args()
@@ -178,14 +187,20 @@ def main() -> None:
     log(" | ".join(f"{k} {v}" for k, v in L.library_versions().items()) + f" | {device}")
     seeds = [L.SEED + i for i in range(args.seeds)]
     for name in args.candidates:
-        if args.checkpoint:
+        if args.from_scores:
+            if not (results / f"{name}.csv").is_file():
+                sys.exit(f"No stored scores {results / f'{name}.csv'}: run the candidate first, or give its --out folder.")
+            log(f"candidate {name}: the scores stored in {name}.csv, summarized again")
+            scores = pd.read_csv(results / f"{name}.csv")
+        elif args.checkpoint:
             model = load_candidate_checkpoint(name, args.checkpoint)
             log(f"candidate {name}: checkpoint {args.checkpoint.name} (epoch {model.lungseg_config['epoch']}, seed "
                 f"{model.lungseg_config['seed']}, {model.lungseg_config['image_size']} px), scored without training")
             scores = score_model(model, split, name, model.lungseg_config["seed"])
         else:
             scores = pd.concat([score_candidate(name, split, log, args.epochs, args.train_on, seed) for seed in seeds])
-        scores.to_csv(results / f"{name}.csv", index=False)
+        if not args.from_scores:
+            scores.to_csv(results / f"{name}.csv", index=False)
         baseline_file = results / "baseline.csv"
         baseline = None
         if name != "baseline" and baseline_file.is_file():

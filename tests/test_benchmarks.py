@@ -62,6 +62,7 @@ def test_screen_summary_averages_seeds_and_pairs_with_the_baseline():
     assert "Montgomery val, clean: mean Dice 0.9600 (n=2); against baseline +0.0100" in text
     assert "Shenzhen val, clean: mean" in text and "the other hospital" not in text
     assert "drop under the shifts from the same images clean: 0.0200" in text
+    assert "per shift against baseline: blur +0.0100" in text
 
 
 def test_screen_scores_a_checkpoint_only_as_the_candidate_it_was_trained_as(tmp_path):
