@@ -1990,13 +1990,23 @@ QUICK_MODEL_BANNER = """
 """
 
 
+def describe_augmentation(config: dict) -> str:
+    """The augmentation a stored config trained with, in words (older checkpoints: :data:`BEFORE_FIELD_EXISTED`)."""
+    values = BEFORE_FIELD_EXISTED | {key: config[key] for key in BEFORE_FIELD_EXISTED if key in config}
+    parts = [label for key, label in (("framing", "framing"), ("strong_photometric", "strong photometric"), ("clahe", "CLAHE"))
+             if values[key]]
+    if values["opacity_p"]:
+        parts.append(f"simulated opacities (p {values['opacity_p']})")
+    return "augmentation: " + (" + ".join(parts) if parts else "the first, mild recipe")
+
+
 def describe_model(model: nn.Module, checkpoint: Path) -> str:
     """One line saying which checkpoint a model comes from and how it was trained."""
     c = model.lungseg_config
     initial = "random init" if c["weights_loaded"] in ("None", None) else c["weights_loaded"]
     return (f"checkpoint {checkpoint.parent.name}/{checkpoint.name}: {c['encoder']} U-Net, {c['image_size']}px, "
             f"Adam lr {c['lr']} ({c['schedule']}), best epoch {c['epoch']} of up to {c['epochs']}, "
-            f"initial encoder weights: {initial}")
+            f"initial encoder weights: {initial}, {describe_augmentation(c)}")
 
 
 def load_chapter_model(

@@ -512,6 +512,8 @@ def test_loaded_checkpoint_describes_itself(small_checkpoint, monkeypatch):
     model, description = L.load_chapter_model()
     assert model.lungseg_config["weights_loaded"] == "None" and model.lungseg_config["epoch"] == 1
     assert "initial encoder weights: random init" in description and "resnet18" in description
+    assert "augmentation: framing + strong photometric + CLAHE + simulated opacities (p 0.3)" in description
+    assert L.describe_augmentation({"encoder": "resnet34"}) == "augmentation: the first, mild recipe"  # an older checkpoint
 
 
 def test_loaded_model_knows_its_checkpoint(small_checkpoint):
