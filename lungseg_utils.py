@@ -1912,18 +1912,18 @@ def train(
 
 
 RESUME_MAY_DIFFER = ("device", "num_workers")
-# What a run did before its config had these fields: the first recipe's augmentation.
-BEFORE_FIELD_EXISTED = dict(clahe=False, strong_photometric=False, opacity_p=0.0, framing=False)
+# The first recipe's augmentation (before issue 10), and so what a run did before its config had these fields.
+FIRST_RECIPE_AUGMENTATION = dict(clahe=False, strong_photometric=False, opacity_p=0.0, framing=False)
 
 
 def _check_same_config(path: Path, stored: dict, config: TrainConfig) -> None:
     """Refuse to resume with a config that differs from the stored one (except device and workers).
 
     A field that the stored config lacks (saved before the field existed) counts
-    as the value that older versions used (:data:`BEFORE_FIELD_EXISTED`), else as its default.
+    as the value that older versions used (:data:`FIRST_RECIPE_AUGMENTATION`), else as its default.
     """
     current = _plain(asdict(config))
-    defaults = _plain(asdict(TrainConfig())) | BEFORE_FIELD_EXISTED
+    defaults = _plain(asdict(TrainConfig())) | FIRST_RECIPE_AUGMENTATION
     differences = [
         f"{key} (stored {stored.get(key, defaults[key])!r}, now {value!r})"
         for key, value in current.items()
@@ -1991,8 +1991,8 @@ QUICK_MODEL_BANNER = """
 
 
 def describe_augmentation(config: dict) -> str:
-    """The augmentation a stored config trained with, in words (older checkpoints: :data:`BEFORE_FIELD_EXISTED`)."""
-    values = BEFORE_FIELD_EXISTED | {key: config[key] for key in BEFORE_FIELD_EXISTED if key in config}
+    """The augmentation a stored config trained with, in words (older checkpoints: :data:`FIRST_RECIPE_AUGMENTATION`)."""
+    values = FIRST_RECIPE_AUGMENTATION | {key: config[key] for key in FIRST_RECIPE_AUGMENTATION if key in config}
     parts = [label for key, label in (("framing", "framing"), ("strong_photometric", "strong photometric"), ("clahe", "CLAHE"))
              if values[key]]
     if values["opacity_p"]:

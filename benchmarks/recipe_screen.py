@@ -46,7 +46,7 @@ import lungseg_utils as L  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "recipe-screen"
 SIZE = 256
-FIRST_RECIPE = dict(strong_photometric=False, clahe=False, framing=False, opacity_p=0.0)
+FIRST_RECIPE = L.FIRST_RECIPE_AUGMENTATION
 CANDIDATES: dict[str, dict] = {  # each written out in full: the defaults of TrainConfig may change
     "baseline": FIRST_RECIPE,  # chapter 03's first recipe
     "strong_photometric": FIRST_RECIPE | dict(strong_photometric=True),

@@ -327,7 +327,7 @@ def test_the_default_recipe_has_the_travel_augmentations_and_the_first_recipe_ha
     affine = next(t for t in steps if type(t).__name__ == "Affine")
     assert affine.scale["x"] == (0.75, 1.2)
     assert L.augmentation_for(L.TrainConfig()).to_dict() == L.train_transforms().to_dict()  # one recipe, one place
-    first_recipe = L.TrainConfig(**L.BEFORE_FIELD_EXISTED)
+    first_recipe = L.TrainConfig(**L.FIRST_RECIPE_AUGMENTATION)
     first_steps = L.augmentation_for(first_recipe).transforms
     assert not {"SimulatedOpacity", "GaussNoise", "CLAHE"} & {type(t).__name__ for t in first_steps}
     assert next(t for t in first_steps if type(t).__name__ == "Affine").scale["x"] == (0.9, 1.1)

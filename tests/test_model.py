@@ -658,7 +658,7 @@ def test_loss_weights_in_the_config_reach_the_training_loss(tmp_path):
 
 def test_resume_accepts_a_checkpoint_saved_before_new_config_fields(tmp_path):
     data, val = tiny_arrays(8), tiny_arrays(4, seed=1)
-    config = tiny_config(epochs=2, **L.BEFORE_FIELD_EXISTED)  # the augmentation older versions ran
+    config = tiny_config(epochs=2, **L.FIRST_RECIPE_AUGMENTATION)  # the augmentation older versions ran
     interrupted_after_first_epoch(data, val, tmp_path / "run", config)
     last = tmp_path / "run" / "last.pt"
     payload = torch.load(last, weights_only=True)
