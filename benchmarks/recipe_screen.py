@@ -2,6 +2,7 @@
 
     python benchmarks/recipe_screen.py baseline travel      # one or more candidates, run one after the other
     python benchmarks/recipe_screen.py --list               # the candidates
+    python benchmarks/recipe_screen.py --against travel travel_rotate15   # paired with travel, not the baseline
     python benchmarks/recipe_screen.py --from-scores travel # summarize stored scores again, without training
     python benchmarks/recipe_screen.py --train-on all --seeds 2 baseline travel   # full-size confirmation
     python benchmarks/recipe_screen.py --train-on all --out results/x --checkpoint runs/dicebce-256px/best.pt travel
@@ -16,8 +17,8 @@ Montgomery, 57 Shenzhen X-rays), as they are and under every acquisition shift o
 ``L.apply_shift`` at moderate severity. The test part is never touched: this is for choosing.
 ``--seeds N`` trains each candidate with N seeds; comparisons then average each image's Dice
 over the seeds before pairing it with the baseline's. Per-image scores go to
-``<out>/<candidate>.csv``; the summary, with paired differences against ``baseline`` (same
-images, BCa intervals), is appended to ``<out>/run.log``, with the device, the seconds per
+``<out>/<candidate>.csv``; the summary, with paired differences against ``baseline`` (or the
+candidate named by ``--against``; same images, BCa intervals), is appended to ``<out>/run.log``, with the device, the seconds per
 epoch and, on a GPU, the peak memory. A Montgomery candidate takes about 25 minutes on a
 2-core CPU in fp32 (1.5 training images/s); ``--train-on all`` five times as long.
 
@@ -46,16 +47,18 @@ import lungseg_utils as L  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "recipe-screen"
 SIZE = 256
-FIRST_RECIPE = L.FIRST_RECIPE_AUGMENTATION
+FIRST_RECIPE = L.FIRST_RECIPE_AUGMENTATION | dict(rotate_limit=35)
+TRAVEL = dict(strong_photometric=True, clahe=True, framing=True, opacity_p=0.3, rotate_limit=35)
 CANDIDATES: dict[str, dict] = {  # each written out in full: the defaults of TrainConfig may change
     "baseline": FIRST_RECIPE,  # chapter 03's first recipe
     "strong_photometric": FIRST_RECIPE | dict(strong_photometric=True),
     "opacity": FIRST_RECIPE | dict(opacity_p=0.3),
     "framing": FIRST_RECIPE | dict(framing=True),
     "clahe": FIRST_RECIPE | dict(clahe=True),
-    "travel": dict(strong_photometric=True, clahe=True, framing=True, opacity_p=0.3),  # chapter 03's recipe since issue 10
+    "travel": TRAVEL,  # chapter 03's recipe since issue 10
+    "travel_rotate15": TRAVEL | dict(rotate_limit=15),  # the rotation range: compare with --against travel
 }
-AUGMENTATION_FIELDS = tuple(FIRST_RECIPE)
+AUGMENTATION_FIELDS = tuple(TRAVEL)
 
 
 def augmentation_rate(config: L.TrainConfig, images: np.ndarray, masks: np.ndarray, repeats: int = 200) -> float:
@@ -110,8 +113,10 @@ def load_candidate_checkpoint(name: str, path: Path) -> torch.nn.Module:
     return model
 
 
-def summarize(scores: pd.DataFrame, baseline: pd.DataFrame | None, log, train_on: str) -> None:
-    """Mean Dice per hospital, clean and over all shifts, with paired differences against the baseline.
+def summarize(
+    scores: pd.DataFrame, baseline: pd.DataFrame | None, log, train_on: str, reference: str = "baseline"
+) -> None:
+    """Mean Dice per hospital, clean and over all shifts, with paired differences against ``reference``'s scores.
 
     With several seeds, each image's Dice is first averaged over the seeds.
     """
@@ -130,7 +135,7 @@ def summarize(scores: pd.DataFrame, baseline: pd.DataFrame | None, log, train_on
         if baseline is not None:
             merged = scores[chosen].merge(baseline, on=["name", "shift"], suffixes=("", "_baseline"))
             diff = L.paired_difference(merged.dice, merged.dice_baseline)
-            line += (f"; against baseline {diff['mean_difference']:+.4f} [{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}], "
+            line += (f"; against {reference} {diff['mean_difference']:+.4f} [{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}], "
                      f"better on {diff['wins']:.0%} of images")
         log(line)
     shifted = scores[scores["shift"] != "none"]
@@ -144,7 +149,7 @@ def summarize(scores: pd.DataFrame, baseline: pd.DataFrame | None, log, train_on
         merged = shifted.merge(baseline, on=["name", "shift"], suffixes=("", "_baseline"))
         per_shift = {shift: L.paired_difference(rows.dice, rows.dice_baseline) for shift, rows in merged.groupby("shift")}
         ranked = sorted(per_shift.items(), key=lambda item: item[1]["mean_difference"])
-        log("  per shift against baseline: " + ", ".join(
+        log(f"  per shift against {reference}: " + ", ".join(
             f"{shift} {d['mean_difference']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" for shift, d in ranked))
 
 
@@ -156,13 +161,15 @@ def main() -> None:
     parser.add_argument("--train-on", choices=("montgomery", "all"), default="montgomery",
                         help="Montgomery's 96 training X-rays (default) or both hospitals' training parts")
     parser.add_argument("--seeds", type=int, default=1, help="train each candidate with this many seeds (default 1)")
+    parser.add_argument("--against", default="baseline", metavar="CANDIDATE",
+                        help="pair each candidate's scores with this candidate's, stored in the --out folder (default baseline)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the log and the per-image scores")
     parser.add_argument("--from-scores", action="store_true",
                         help="summarize the per-image scores stored in the --out folder again, without training")
     parser.add_argument("--checkpoint", type=Path, help="score this trained checkpoint of the (one) candidate named, "
                         "instead of training it: e.g. chapter 03's model, to confirm a candidate at full size")
     args = parser.parse_args()
-    unknown = [name for name in args.candidates if name not in CANDIDATES]
+    unknown = [name for name in [*args.candidates, args.against] if name not in CANDIDATES]
     if args.checkpoint and len(args.candidates) != 1:
         parser.error("--checkpoint scores one checkpoint: name the one candidate it was trained as")
     if args.list or not args.candidates or unknown:
@@ -201,11 +208,11 @@ def main() -> None:
             scores = pd.concat([score_candidate(name, split, log, args.epochs, args.train_on, seed) for seed in seeds])
         if not args.from_scores:
             scores.to_csv(results / f"{name}.csv", index=False)
-        baseline_file = results / "baseline.csv"
-        baseline = None
-        if name != "baseline" and baseline_file.is_file():
-            baseline = pd.read_csv(baseline_file).groupby(["name", "shift"], as_index=False).dice.mean()
-        summarize(scores, baseline, log, args.train_on)
+        reference_file = results / f"{args.against}.csv"
+        reference = None
+        if name != args.against and reference_file.is_file():
+            reference = pd.read_csv(reference_file).groupby(["name", "shift"], as_index=False).dice.mean()
+        summarize(scores, reference, log, args.train_on, args.against)
 
 if __name__ == "__main__":
     main()

@@ -63,6 +63,9 @@ def test_screen_summary_averages_seeds_and_pairs_with_the_baseline():
     assert "Shenzhen val, clean: mean" in text and "the other hospital" not in text
     assert "drop under the shifts from the same images clean: 0.0200" in text
     assert "per shift against baseline: blur +0.0100" in text
+    lines.clear()
+    screen.summarize(scores, baseline, lines.append, "all", reference="travel")
+    assert "per shift against travel: blur +0.0100" in "\n".join(lines)
 
 
 def test_screen_scores_a_checkpoint_only_as_the_candidate_it_was_trained_as(tmp_path):
