@@ -2595,6 +2595,7 @@ def shift_benchmark(
     shifts: Sequence[str] = SHIFTS,
     severities: Sequence[int] = tuple(SEVERITIES),
     seed: int = SEED,
+    preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """Per-image Dice of ``model`` on clean images and under every shift and severity (:func:`apply_shift`).
 
@@ -2603,12 +2604,15 @@ def shift_benchmark(
     ``warned`` (whether :func:`mask_warnings` flags the predicted mask). The
     clean images are the rows with shift ``"none"`` and severity 0. Each image
     gets its own seed (``seed`` + its index), the same for every shift, so a
-    run repeats exactly.
+    run repeats exactly. ``preprocess``, if given, maps each 8-bit image, clean
+    or shifted, just before prediction (e.g. contrast normalisation at prediction time).
     """
     names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
     fraction_range = model_lung_fraction_range(model)
 
     def scored(batch_images: np.ndarray, batch_masks: np.ndarray) -> tuple[np.ndarray, list[bool]]:
+        if preprocess is not None:
+            batch_images = np.stack([preprocess(image) for image in batch_images])
         predictions = (predict_arrays(model, batch_images) > 0.5).astype(np.uint8)
         warned = [bool(mask_warnings(p, image, fraction_range)) for p, image in zip(predictions, batch_images)]
         return dice_iou_per_image(predictions, batch_masks)[0], warned

@@ -3,6 +3,8 @@
     python benchmarks/recipe_screen.py baseline travel      # one or more candidates, run one after the other
     python benchmarks/recipe_screen.py --list               # the candidates
     python benchmarks/recipe_screen.py --against travel travel_rotate15   # paired with travel, not the baseline
+    python benchmarks/recipe_screen.py --train-on all --out results/x --checkpoint runs/dicebce-256px/best.pt \
+        --clahe-at-prediction --against travel travel           # the same model with CLAHE at prediction time
     python benchmarks/recipe_screen.py --from-scores travel # summarize stored scores again, without training
     python benchmarks/recipe_screen.py --train-on all --seeds 2 baseline travel   # full-size confirmation
     python benchmarks/recipe_screen.py --train-on all --out results/x --checkpoint runs/dicebce-256px/best.pt travel
@@ -38,6 +40,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
@@ -91,11 +94,22 @@ def score_candidate(
     return score_model(result.model, split, name, seed)
 
 
-def score_model(model: torch.nn.Module, split: dict[str, pd.DataFrame], name: str, seed: int) -> pd.DataFrame:
-    """Per-image Dice of ``model`` on both validation parts, clean and under every shift at moderate severity."""
+def clahe_at_prediction(image: np.ndarray) -> np.ndarray:
+    """Contrast normalisation at prediction time: CLAHE with OpenCV's usual clip limit 2 on 8x8 tiles."""
+    return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(image)
+
+
+def score_model(
+    model: torch.nn.Module, split: dict[str, pd.DataFrame], name: str, seed: int, clahe: bool = False
+) -> pd.DataFrame:
+    """Per-image Dice of ``model`` on both validation parts, clean and under every shift at moderate severity.
+
+    ``clahe``: equalise every image (clean or shifted) with :func:`clahe_at_prediction` before predicting.
+    """
     val_rows = split["val"].reset_index(drop=True)
     images, masks = L.load_arrays(val_rows, SIZE)
-    scores = L.shift_benchmark(model, images, masks, list(val_rows.name), severities=(2,))
+    scores = L.shift_benchmark(model, images, masks, list(val_rows.name), severities=(2,),
+                               preprocess=clahe_at_prediction if clahe else None)
     scores["source"] = list(val_rows.source) * (len(scores) // len(val_rows))
     scores["candidate"] = name
     scores["seed"] = seed
@@ -163,6 +177,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="train each candidate with this many seeds (default 1)")
     parser.add_argument("--against", default="baseline", metavar="CANDIDATE",
                         help="pair each candidate's scores with this candidate's, stored in the --out folder (default baseline)")
+    parser.add_argument("--clahe-at-prediction", action="store_true",
+                        help="with --checkpoint: equalise each image with CLAHE before predicting (scores stored as "
+                        "<candidate>+clahe_at_prediction)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the log and the per-image scores")
     parser.add_argument("--from-scores", action="store_true",
                         help="summarize the per-image scores stored in the --out folder again, without training")
@@ -172,6 +189,8 @@ def main() -> None:
     unknown = [name for name in [*args.candidates, args.against] if name not in CANDIDATES]
     if args.checkpoint and len(args.candidates) != 1:
         parser.error("--checkpoint scores one checkpoint: name the one candidate it was trained as")
+    if args.clahe_at_prediction and not (args.checkpoint or args.from_scores):
+        parser.error("--clahe-at-prediction scores a trained --checkpoint (or its stored scores, with --from-scores)")
     if args.list or not args.candidates or unknown:
         if unknown:
             print(f"unknown candidate(s): {', '.join(unknown)}; choose from:")
@@ -194,23 +213,25 @@ def main() -> None:
     log(" | ".join(f"{k} {v}" for k, v in L.library_versions().items()) + f" | {device}")
     seeds = [L.SEED + i for i in range(args.seeds)]
     for name in args.candidates:
+        label = name + ("+clahe_at_prediction" if args.clahe_at_prediction else "")
         if args.from_scores:
-            if not (results / f"{name}.csv").is_file():
-                sys.exit(f"No stored scores {results / f'{name}.csv'}: run the candidate first, or give its --out folder.")
-            log(f"candidate {name}: the scores stored in {name}.csv, summarized again")
-            scores = pd.read_csv(results / f"{name}.csv")
+            if not (results / f"{label}.csv").is_file():
+                sys.exit(f"No stored scores {results / f'{label}.csv'}: run the candidate first, or give its --out folder.")
+            log(f"candidate {label}: the scores stored in {label}.csv, summarized again")
+            scores = pd.read_csv(results / f"{label}.csv")
         elif args.checkpoint:
             model = load_candidate_checkpoint(name, args.checkpoint)
-            log(f"candidate {name}: checkpoint {args.checkpoint.name} (epoch {model.lungseg_config['epoch']}, seed "
-                f"{model.lungseg_config['seed']}, {model.lungseg_config['image_size']} px), scored without training")
-            scores = score_model(model, split, name, model.lungseg_config["seed"])
+            clahe = ", CLAHE on every image at prediction time" if args.clahe_at_prediction else ""
+            log(f"candidate {label}: checkpoint {args.checkpoint.name} (epoch {model.lungseg_config['epoch']}, seed "
+                f"{model.lungseg_config['seed']}, {model.lungseg_config['image_size']} px), scored without training{clahe}")
+            scores = score_model(model, split, label, model.lungseg_config["seed"], clahe=args.clahe_at_prediction)
         else:
             scores = pd.concat([score_candidate(name, split, log, args.epochs, args.train_on, seed) for seed in seeds])
         if not args.from_scores:
-            scores.to_csv(results / f"{name}.csv", index=False)
+            scores.to_csv(results / f"{label}.csv", index=False)
         reference_file = results / f"{args.against}.csv"
         reference = None
-        if name != args.against and reference_file.is_file():
+        if label != args.against and reference_file.is_file():
             reference = pd.read_csv(reference_file).groupby(["name", "shift"], as_index=False).dice.mean()
         summarize(scores, reference, log, args.train_on, args.against)
 

@@ -87,3 +87,7 @@ def test_shift_benchmark_pairs_every_shifted_image_with_its_clean_score():
     assert strong["drop"] > 0.5 and strong["drop_low"] <= strong["drop"] <= strong["drop_high"]
     # zooming in moves image and mask together (and adds no black border): a grey-level model does not care
     assert summary.loc[("zoom_in", 3), "drop"] < 0.05
+    # preprocessing runs on every image, clean or shifted, before the model sees it: inverted, no lung is dark
+    inverted = L.shift_benchmark(dark_is_lung, images, masks, ["a", "b"], shifts=("zoom_in",), severities=(1,),
+                                 preprocess=lambda image: 255 - image)
+    assert (inverted.dice < 0.1).all() and inverted.warned.all()
