@@ -50,8 +50,8 @@ import lungseg_utils as L  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "recipe-screen"
 SIZE = 256
-FIRST_RECIPE = L.FIRST_RECIPE_AUGMENTATION | dict(rotate_limit=35)
-TRAVEL = dict(strong_photometric=True, clahe=True, framing=True, opacity_p=0.3, rotate_limit=35)
+FIRST_RECIPE = L.FIRST_RECIPE_AUGMENTATION | dict(rotate_limit=35, schedule="onecycle")
+TRAVEL = dict(strong_photometric=True, clahe=True, framing=True, opacity_p=0.3, rotate_limit=35, schedule="onecycle")
 CANDIDATES: dict[str, dict] = {  # each written out in full: the defaults of TrainConfig may change
     "baseline": FIRST_RECIPE,  # chapter 03's first recipe
     "strong_photometric": FIRST_RECIPE | dict(strong_photometric=True),
@@ -60,8 +60,9 @@ CANDIDATES: dict[str, dict] = {  # each written out in full: the defaults of Tra
     "clahe": FIRST_RECIPE | dict(clahe=True),
     "travel": TRAVEL,  # chapter 03's recipe since issue 10
     "travel_rotate15": TRAVEL | dict(rotate_limit=15),  # the rotation range: compare with --against travel
+    "travel_constant_lr": TRAVEL | dict(schedule="constant"),  # Adam at 1e-3 throughout: --against travel
 }
-AUGMENTATION_FIELDS = tuple(TRAVEL)
+RECIPE_FIELDS = tuple(TRAVEL)
 
 
 def augmentation_rate(config: L.TrainConfig, images: np.ndarray, masks: np.ndarray, repeats: int = 200) -> float:
@@ -120,8 +121,8 @@ def load_candidate_checkpoint(name: str, path: Path) -> torch.nn.Module:
     """A trained checkpoint whose stored augmentation is candidate ``name``'s (else SystemExit, naming both)."""
     model = L.load_checkpoint(path, L.pick_device())
     asked = L.TrainConfig(**CANDIDATES[name])
-    stored = {key: model.lungseg_config.get(key) for key in AUGMENTATION_FIELDS}
-    expected = {key: getattr(asked, key) for key in AUGMENTATION_FIELDS}
+    stored = {key: model.lungseg_config.get(key) for key in RECIPE_FIELDS}
+    expected = {key: getattr(asked, key) for key in RECIPE_FIELDS}
     if stored != expected:
         sys.exit(f"{path} was trained with {stored}, not candidate {name!r} ({expected}): name the right candidate.")
     return model

@@ -70,7 +70,7 @@ def test_screen_summary_averages_seeds_and_pairs_with_the_baseline():
 
 def test_screen_scores_a_checkpoint_only_as_the_candidate_it_was_trained_as(tmp_path):
     screen = load_script("recipe_screen")
-    assert screen.CANDIDATES["travel"] == {key: getattr(L.TrainConfig(), key) for key in screen.AUGMENTATION_FIELDS}
+    assert screen.CANDIDATES["travel"] == {key: getattr(L.TrainConfig(), key) for key in screen.RECIPE_FIELDS}
     path = tmp_path / "best.pt"
     config = L.TrainConfig(encoder="resnet18", image_size=64, **screen.CANDIDATES["baseline"])
     L.save_checkpoint(path, L.build_model("resnet18", weights=None), config, epoch=3, val_loss=0.5)
