@@ -129,7 +129,7 @@ def load_candidate_checkpoint(name: str, path: Path) -> torch.nn.Module:
 
 
 def summarize(
-    scores: pd.DataFrame, baseline: pd.DataFrame | None, log, train_on: str, reference: str = "baseline"
+    scores: pd.DataFrame, reference_scores: pd.DataFrame | None, log, train_on: str, reference: str = "baseline"
 ) -> None:
     """Mean Dice per hospital, clean and over all shifts, with paired differences against ``reference``'s scores.
 
@@ -147,9 +147,9 @@ def summarize(
     }
     for label, chosen in groups.items():
         line = f"  {label}: mean Dice {scores.dice[chosen].mean():.4f} (n={chosen.sum()})"
-        if baseline is not None:
-            merged = scores[chosen].merge(baseline, on=["name", "shift"], suffixes=("", "_baseline"))
-            diff = L.paired_difference(merged.dice, merged.dice_baseline)
+        if reference_scores is not None:
+            merged = scores[chosen].merge(reference_scores, on=["name", "shift"], suffixes=("", "_reference"))
+            diff = L.paired_difference(merged.dice, merged.dice_reference)
             line += (f"; against {reference} {diff['mean_difference']:+.4f} [{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}], "
                      f"better on {diff['wins']:.0%} of images")
         log(line)
@@ -160,9 +160,9 @@ def summarize(
         f"shifted {shifted.warned.mean():.0%}")
     worst = shifted.groupby("shift").dice.mean().sort_values().head(4)
     log("  hardest shifts: " + ", ".join(f"{shift} {dice:.4f}" for shift, dice in worst.items()))
-    if baseline is not None:
-        merged = shifted.merge(baseline, on=["name", "shift"], suffixes=("", "_baseline"))
-        per_shift = {shift: L.paired_difference(rows.dice, rows.dice_baseline) for shift, rows in merged.groupby("shift")}
+    if reference_scores is not None:
+        merged = shifted.merge(reference_scores, on=["name", "shift"], suffixes=("", "_reference"))
+        per_shift = {shift: L.paired_difference(rows.dice, rows.dice_reference) for shift, rows in merged.groupby("shift")}
         ranked = sorted(per_shift.items(), key=lambda item: item[1]["mean_difference"])
         log(f"  per shift against {reference}: " + ", ".join(
             f"{shift} {d['mean_difference']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" for shift, d in ranked))
@@ -231,10 +231,10 @@ def main() -> None:
         if not args.from_scores:
             scores.to_csv(results / f"{label}.csv", index=False)
         reference_file = results / f"{args.against}.csv"
-        reference = None
+        reference_scores = None
         if label != args.against and reference_file.is_file():
-            reference = pd.read_csv(reference_file).groupby(["name", "shift"], as_index=False).dice.mean()
-        summarize(scores, reference, log, args.train_on, args.against)
+            reference_scores = pd.read_csv(reference_file).groupby(["name", "shift"], as_index=False).dice.mean()
+        summarize(scores, reference_scores, log, args.train_on, args.against)
 
 if __name__ == "__main__":
     main()
