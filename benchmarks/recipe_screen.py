@@ -118,7 +118,7 @@ def score_model(
 
 
 def load_candidate_checkpoint(name: str, path: Path) -> torch.nn.Module:
-    """A trained checkpoint whose stored augmentation is candidate ``name``'s (else SystemExit, naming both)."""
+    """A trained checkpoint whose stored recipe (augmentation and schedule) is candidate ``name``'s (else SystemExit, naming both)."""
     model = L.load_checkpoint(path, L.pick_device())
     asked = L.TrainConfig(**CANDIDATES[name])
     stored = {key: model.lungseg_config.get(key) for key in RECIPE_FIELDS}
