@@ -1248,6 +1248,17 @@ def train_transforms(
     return A.Compose(steps)
 
 
+def equalize_contrast(image: np.ndarray) -> np.ndarray:
+    """Contrast normalisation of an 8-bit gray image: CLAHE with OpenCV's usual clip limit 2 on 8x8 tiles.
+
+    Unlike the random CLAHE of :func:`train_transforms`, a model trained with
+    ``TrainConfig(equalize=True)`` sees every image through this, in training
+    (after the augmentation, as an acquisition shift comes before any
+    processing) and at prediction time (:func:`predict_arrays`).
+    """
+    return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(image)
+
+
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """8-bit gray ``(H, W)`` -> float ``(3, H, W)``: scaled to [0, 1], repeated, ImageNet-normalized."""
     scaled = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255.0)
@@ -1257,12 +1268,15 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 class LungDataset(Dataset):
-    """Cached images and masks as model-ready tensors, with optional Albumentations transforms."""
+    """Cached images and masks as model-ready tensors, with optional Albumentations transforms.
 
-    def __init__(self, images: np.ndarray, masks: np.ndarray, transform: A.Compose | None = None):
+    ``equalize``: pass every image, after its transforms, through :func:`equalize_contrast`.
+    """
+
+    def __init__(self, images: np.ndarray, masks: np.ndarray, transform: A.Compose | None = None, equalize: bool = False):
         if masks is None or len(images) != len(masks):
             raise LungsegDataError("LungDataset needs one mask per image; unlabeled images are for inference only.")
-        self.images, self.masks, self.transform = images, masks, transform
+        self.images, self.masks, self.transform, self.equalize = images, masks, transform, equalize
 
     def __len__(self) -> int:
         return len(self.images)
@@ -1272,6 +1286,8 @@ class LungDataset(Dataset):
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
+        if self.equalize:
+            image = equalize_contrast(image)
         return image_to_tensor(image), torch.from_numpy(np.ascontiguousarray(mask)).float().unsqueeze(0)
 
 
@@ -1547,6 +1563,7 @@ class TrainConfig:
     strong_photometric: bool = True  # the recipe that travels (issue 10): see train_transforms
     opacity_p: float = 0.3
     framing: bool = True
+    equalize: bool = False  # CLAHE on every image, in training and at prediction time: see equalize_contrast
     bce_weight: float = 1.0  # loss = bce_weight * BCE + dice_weight * Dice loss
     dice_weight: float = 1.0
     skip_connections: bool = True
@@ -1832,11 +1849,11 @@ def train(
     model = build_model(config.encoder, config.weights, config.skip_connections)
     model = model.to(device).to(memory_format=torch.channels_last)
     train_loader = DataLoader(
-        LungDataset(*train_arrays, augmentation_for(config)),
+        LungDataset(*train_arrays, augmentation_for(config), equalize=config.equalize),
         batch_size=config.batch_size, shuffle=True, drop_last=len(train_arrays[0]) > config.batch_size,
         num_workers=config.num_workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
     )
-    val_loader = DataLoader(LungDataset(*val_arrays), batch_size=config.batch_size, num_workers=config.num_workers)
+    val_loader = DataLoader(LungDataset(*val_arrays, equalize=config.equalize), batch_size=config.batch_size, num_workers=config.num_workers)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = _make_scheduler(optimizer, config, len(train_loader))
     loss_fn = DiceBCELoss(bce_weight=config.bce_weight, dice_weight=config.dice_weight)
@@ -2006,7 +2023,8 @@ def describe_model(model: nn.Module, checkpoint: Path) -> str:
     initial = "random init" if c["weights_loaded"] in ("None", None) else c["weights_loaded"]
     return (f"checkpoint {checkpoint.parent.name}/{checkpoint.name}: {c['encoder']} U-Net, {c['image_size']}px, "
             f"Adam lr {c['lr']} ({c['schedule']}), best epoch {c['epoch']} of up to {c['epochs']}, "
-            f"initial encoder weights: {initial}, {describe_augmentation(c)}")
+            f"initial encoder weights: {initial}, {describe_augmentation(c)}"
+            + (", every input equalised with CLAHE" if c.get("equalize") else ""))
 
 
 def load_chapter_model(
@@ -2078,7 +2096,10 @@ def predict_arrays(
     """Lung probabilities ``(N, H, W)`` for 8-bit images already at the model's size.
 
     ``tta_flip`` averages with the prediction on the horizontally flipped image.
+    A model trained with ``equalize`` (its checkpoint says so) gets every image
+    through :func:`equalize_contrast` first, as in its training.
     """
+    prepare = equalize_contrast if getattr(model, "lungseg_config", {}).get("equalize") else np.asarray
     if device is not None:
         device = torch.device(device)
         model.to(device)
@@ -2088,7 +2109,7 @@ def predict_arrays(
     model.eval()
     outputs = []
     for start in range(0, len(images), batch_size):
-        batch = torch.stack([image_to_tensor(im) for im in images[start : start + batch_size]])
+        batch = torch.stack([image_to_tensor(prepare(im)) for im in images[start : start + batch_size]])
         batch = batch.to(device).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
             probs = torch.sigmoid(model(batch).float())

@@ -17,8 +17,11 @@ early stopping on both validation parts); Shenzhen's validation part then no lon
 another hospital. Each model is scored on the validation parts of both hospitals (14
 Montgomery, 57 Shenzhen X-rays), as they are and under every acquisition shift of
 ``L.apply_shift`` at moderate severity. The test part is never touched: this is for choosing.
-``--seeds N`` trains each candidate with N seeds; comparisons then average each image's Dice
-over the seeds before pairing it with the baseline's. Per-image scores go to
+``--seeds N`` trains each candidate with N seeds (42, 43, ...); seeds whose scores the
+candidate's file in ``--out`` already holds are reused, not trained again (a seed repeats bit
+for bit; one ``--out`` folder holds one setup). The log then gives each seed's Dice and the
+paired difference between seeds on the same images (how much a seed moves), and comparisons
+average each image's Dice over the seeds before pairing it with the baseline's. Per-image scores go to
 ``<out>/<candidate>.csv``; the summary, with paired differences against ``baseline`` (or the
 candidate named by ``--against``; same images, BCa intervals), is appended to ``<out>/run.log``, with the device, the seconds per
 epoch and, on a GPU, the peak memory. A Montgomery candidate takes about 25 minutes on a
@@ -40,7 +43,6 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
@@ -51,7 +53,8 @@ import lungseg_utils as L  # noqa: E402
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "recipe-screen"
 SIZE = 256
 FIRST_RECIPE = L.FIRST_RECIPE_AUGMENTATION | dict(rotate_limit=35, schedule="onecycle")
-TRAVEL = dict(strong_photometric=True, clahe=True, framing=True, opacity_p=0.3, rotate_limit=35, schedule="onecycle")
+TRAVEL = dict(strong_photometric=True, clahe=True, framing=True, opacity_p=0.3, rotate_limit=35, schedule="onecycle",
+              equalize=False)
 CANDIDATES: dict[str, dict] = {  # each written out in full: the defaults of TrainConfig may change
     "baseline": FIRST_RECIPE,  # chapter 03's first recipe
     "strong_photometric": FIRST_RECIPE | dict(strong_photometric=True),
@@ -61,6 +64,7 @@ CANDIDATES: dict[str, dict] = {  # each written out in full: the defaults of Tra
     "travel": TRAVEL,  # chapter 03's recipe since issue 10
     "travel_rotate15": TRAVEL | dict(rotate_limit=15),  # the rotation range: compare with --against travel
     "travel_constant_lr": TRAVEL | dict(schedule="constant"),  # Adam at 1e-3 throughout: --against travel
+    "travel_equalized": TRAVEL | dict(equalize=True),  # CLAHE on every image, training and prediction: --against travel
 }
 RECIPE_FIELDS = tuple(TRAVEL)
 
@@ -95,9 +99,15 @@ def score_candidate(
     return score_model(result.model, split, name, seed)
 
 
-def clahe_at_prediction(image: np.ndarray) -> np.ndarray:
-    """Contrast normalisation at prediction time: CLAHE with OpenCV's usual clip limit 2 on 8x8 tiles."""
-    return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(image)
+def train_missing_seeds(
+    name: str, seeds: list[int], stored_file: Path, split: dict[str, pd.DataFrame], log, epochs: int, train_on: str
+) -> pd.DataFrame:
+    """The candidate's scores: every seed stored in ``stored_file`` kept, each seed asked that it lacks trained."""
+    stored = pd.read_csv(stored_file) if stored_file.is_file() else pd.DataFrame(columns=["seed"])
+    for seed in sorted(set(stored.seed)):
+        log(f"candidate {name}, seed {seed}: scores stored in {stored_file.name}, reused")
+    frames = [stored] + [score_candidate(name, split, log, epochs, train_on, seed) for seed in seeds if seed not in set(stored.seed)]
+    return pd.concat(frames, ignore_index=True)
 
 
 def score_model(
@@ -105,12 +115,13 @@ def score_model(
 ) -> pd.DataFrame:
     """Per-image Dice of ``model`` on both validation parts, clean and under every shift at moderate severity.
 
-    ``clahe``: equalise every image (clean or shifted) with :func:`clahe_at_prediction` before predicting.
+    ``clahe``: equalise every image (clean or shifted) with ``L.equalize_contrast`` before predicting, for a
+    model trained without it (one trained with ``equalize`` does so by itself).
     """
     val_rows = split["val"].reset_index(drop=True)
     images, masks = L.load_arrays(val_rows, SIZE)
     scores = L.shift_benchmark(model, images, masks, list(val_rows.name), severities=(2,),
-                               preprocess=clahe_at_prediction if clahe else None)
+                               preprocess=L.equalize_contrast if clahe else None)
     scores["source"] = list(val_rows.source) * (len(scores) // len(val_rows))
     scores["candidate"] = name
     scores["seed"] = seed
@@ -128,6 +139,33 @@ def load_candidate_checkpoint(name: str, path: Path) -> torch.nn.Module:
     return model
 
 
+def score_groups(scores: pd.DataFrame, train_on: str) -> dict[str, pd.Series]:
+    """The three groups every comparison reports: each hospital's clean validation X-rays, and all shifted ones."""
+    other = "Shenzhen val, clean (the other hospital)" if train_on == "montgomery" else "Shenzhen val, clean"
+    return {
+        "Montgomery val, clean": (scores.source == "Montgomery") & (scores["shift"] == "none"),
+        other: (scores.source == "Shenzhen") & (scores["shift"] == "none"),
+        "both val parts, 16 shifts at moderate severity": scores["shift"] != "none",
+    }
+
+
+def log_seed_differences(scores: pd.DataFrame, log, train_on: str = "montgomery") -> None:
+    """Each seed's mean Dice per group, and every later seed minus the first on the same images (BCa intervals)."""
+    seeds = sorted(scores.seed.unique())
+    by_seed = {seed: scores[scores.seed == seed].reset_index(drop=True) for seed in seeds}
+    first = by_seed[seeds[0]]
+    for label, chosen in score_groups(first, train_on).items():
+        means = ", ".join(f"seed {seed} {rows.dice[score_groups(rows, train_on)[label]].mean():.4f}" for seed, rows in by_seed.items())
+        differences = []
+        for seed in seeds[1:]:
+            merged = first[chosen].merge(by_seed[seed], on=["name", "shift"], suffixes=("", "_other"))
+            diff = L.paired_difference(merged.dice_other, merged.dice)
+            differences.append(f"seed {seed} minus seed {seeds[0]} {diff['mean_difference']:+.4f} "
+                               f"[{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}], mean absolute "
+                               f"{(merged.dice_other - merged.dice).abs().mean():.4f} per image")
+        log(f"  {label}: {means}; " + "; ".join(differences))
+
+
 def summarize(
     scores: pd.DataFrame, reference_scores: pd.DataFrame | None, log, train_on: str, reference: str = "baseline"
 ) -> None:
@@ -135,17 +173,10 @@ def summarize(
 
     With several seeds, each image's Dice is first averaged over the seeds.
     """
-    per_seed = scores[scores["shift"] == "none"].groupby("seed").dice.mean()
-    if len(per_seed) > 1:
-        log("  clean validation Dice per seed: " + ", ".join(f"{seed} {dice:.4f}" for seed, dice in per_seed.items()))
+    if scores.seed.nunique() > 1:
+        log_seed_differences(scores, log, train_on)
     scores = scores.groupby(["name", "shift", "source"], as_index=False)[["dice", "clean_dice", "warned"]].mean()
-    other = "Shenzhen val, clean (the other hospital)" if train_on == "montgomery" else "Shenzhen val, clean"
-    groups = {
-        "Montgomery val, clean": (scores.source == "Montgomery") & (scores["shift"] == "none"),
-        other: (scores.source == "Shenzhen") & (scores["shift"] == "none"),
-        "both val parts, 16 shifts at moderate severity": scores["shift"] != "none",
-    }
-    for label, chosen in groups.items():
+    for label, chosen in score_groups(scores, train_on).items():
         line = f"  {label}: mean Dice {scores.dice[chosen].mean():.4f} (n={chosen.sum()})"
         if reference_scores is not None:
             merged = scores[chosen].merge(reference_scores, on=["name", "shift"], suffixes=("", "_reference"))
@@ -227,7 +258,7 @@ def main() -> None:
                 f"{model.lungseg_config['seed']}, {model.lungseg_config['image_size']} px), scored without training{clahe}")
             scores = score_model(model, split, label, model.lungseg_config["seed"], clahe=args.clahe_at_prediction)
         else:
-            scores = pd.concat([score_candidate(name, split, log, args.epochs, args.train_on, seed) for seed in seeds])
+            scores = train_missing_seeds(name, seeds, results / f"{label}.csv", split, log, args.epochs, args.train_on)
         if not args.from_scores:
             scores.to_csv(results / f"{label}.csv", index=False)
         reference_file = results / f"{args.against}.csv"

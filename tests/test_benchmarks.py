@@ -58,7 +58,8 @@ def test_screen_summary_averages_seeds_and_pairs_with_the_baseline():
     baseline = screen_scores(42, -0.005).groupby(["name", "shift"], as_index=False).dice.mean()
     screen.summarize(scores, baseline, lines.append, "all")
     text = "\n".join(lines)
-    assert "clean validation Dice per seed: 42 0.9650, 43 0.9750" in text
+    assert "Montgomery val, clean: seed 42 0.9550, seed 43 0.9650; seed 43 minus seed 42 +0.0100 [" in text
+    assert "16 shifts at moderate severity: seed 42 0.9450, seed 43 0.9550; seed 43 minus seed 42 +0.0100" in text
     assert "Montgomery val, clean: mean Dice 0.9600 (n=2); against baseline +0.0100" in text
     assert "Shenzhen val, clean: mean" in text and "the other hospital" not in text
     assert "drop under the shifts from the same images clean: 0.0200" in text
@@ -66,6 +67,28 @@ def test_screen_summary_averages_seeds_and_pairs_with_the_baseline():
     lines.clear()
     screen.summarize(scores, baseline, lines.append, "all", reference="travel")
     assert "per shift against travel: blur +0.0100" in "\n".join(lines)
+
+
+def test_screen_reuses_stored_seeds_and_trains_only_the_missing_ones(tmp_path, monkeypatch):
+    screen = load_script("recipe_screen")
+    stored = tmp_path / "travel.csv"
+    screen_scores(42, 0.0).to_csv(stored, index=False)
+    trained = []
+
+    def fake_training(name, split, log, epochs, train_on, seed):
+        trained.append(seed)
+        return screen_scores(seed, 0.01)
+
+    monkeypatch.setattr(screen, "score_candidate", fake_training)
+    lines: list[str] = []
+    scores = screen.train_missing_seeds("travel", [42, 43], stored, {}, lines.append, 20, "montgomery")
+    assert trained == [43] and sorted(scores.seed.unique()) == [42, 43]
+    assert lines == ["candidate travel, seed 42: scores stored in travel.csv, reused"]
+    assert np.allclose(scores[scores.seed == 42].dice, screen_scores(42, 0.0).dice)
+    trained.clear()
+    scores.to_csv(stored, index=False)
+    assert len(screen.train_missing_seeds("travel", [42], stored, {}, lines.append, 20, "montgomery")) == len(scores)
+    assert trained == [], "a stored second seed is kept, not dropped or trained again"
 
 
 def test_screen_scores_a_checkpoint_only_as_the_candidate_it_was_trained_as(tmp_path):

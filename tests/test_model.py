@@ -760,3 +760,22 @@ def test_error_zones_are_disjoint_rates_that_find_the_wrong_place():
     apex_error[40:44, 40:80] = 0
     side_error[70:110, 30:34] = 0
     assert L.error_zones(apex_error, truth)["apices"] > L.error_zones(side_error, truth)["rest of the outline"]
+
+
+def test_equalized_model_sees_clahe_in_training_and_prediction(random_model, tmp_path):
+    """equalize=True: the dataset and predict_arrays give the model the CLAHE image, and the checkpoint says so."""
+    image, mask = textured_image(), np.zeros((64, 64), np.uint8)
+    equalized = L.equalize_contrast(image)
+    assert not np.array_equal(equalized, image)
+    tensor, _ = L.LungDataset(image[None], mask[None], equalize=True)[0]
+    assert torch.equal(tensor, L.image_to_tensor(equalized))
+    plain = L.predict_arrays(random_model, equalized[None])
+    random_model.lungseg_config["equalize"] = True
+    try:
+        assert np.array_equal(L.predict_arrays(random_model, image[None]), plain)
+    finally:
+        random_model.lungseg_config.pop("equalize")
+    assert not np.array_equal(L.predict_arrays(random_model, image[None]), plain), "the check must be able to fail"
+    result = L.train(tiny_arrays(4), tiny_arrays(4, seed=1), tmp_path / "run", tiny_config(epochs=1, equalize=True))
+    assert result.model.lungseg_config["equalize"] is True
+    assert "every input equalised with CLAHE" in L.describe_model(result.model, tmp_path / "run" / "best.pt")
