@@ -17,7 +17,7 @@ Sections, in order:
 5. Splits: ``three_way_split``, ``writeup_split``, ``quick_subset``.
 6. Decoding images and masks: ``decode_image`` (the one decoder), ``read_mask``.
 7. Cache: decode and resize once (``load_arrays``).
-8. Dataset and augmentation: ``train_transforms`` (with ``SimulatedOpacity``), ``LungDataset``.
+8. Dataset and augmentation: ``train_transforms`` (with ``SimulatedOpacity``), ``equalize_contrast``, ``LungDataset``.
 9. Model: ``build_model`` with ImageNet, local or no weights.
 10. Loss: ``DiceBCELoss``.
 11. Metrics: Dice, IoU, HD95, the write-up's batch Dice.
@@ -1544,7 +1544,9 @@ class TrainConfig:
     a better validation loss, and the augmentation of :func:`train_transforms`
     (framing, strong photometric changes, CLAHE and simulated opacities).
     ImageNet initialisation is an explicit choice (``weights="imagenet"``) that
-    needs its own learning rate and gives other numbers.
+    needs its own learning rate and gives other numbers. ``equalize=True`` adds
+    contrast normalisation (:func:`equalize_contrast`) in training and at
+    prediction time; a candidate, not yet the default.
     """
 
     encoder: str = "resnet34"

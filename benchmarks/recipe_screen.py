@@ -253,6 +253,8 @@ def main() -> None:
             scores = pd.read_csv(results / f"{label}.csv")
         elif args.checkpoint:
             model = load_candidate_checkpoint(name, args.checkpoint)
+            if args.clahe_at_prediction and model.lungseg_config.get("equalize"):
+                sys.exit(f"{args.checkpoint} was trained with equalize=True: it equalises every image by itself.")
             clahe = ", CLAHE on every image at prediction time" if args.clahe_at_prediction else ""
             log(f"candidate {label}: checkpoint {args.checkpoint.name} (epoch {model.lungseg_config['epoch']}, seed "
                 f"{model.lungseg_config['seed']}, {model.lungseg_config['image_size']} px), scored without training{clahe}")
