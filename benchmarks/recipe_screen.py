@@ -65,6 +65,7 @@ CANDIDATES: dict[str, dict] = {  # each written out in full: the defaults of Tra
     "travel_rotate15": TRAVEL | dict(rotate_limit=15),  # the rotation range: compare with --against travel
     "travel_constant_lr": TRAVEL | dict(schedule="constant"),  # Adam at 1e-3 throughout: --against travel
     "travel_equalized": TRAVEL | dict(equalize=True),  # CLAHE on every image, training and prediction: --against travel
+    "travel_equalized_rotate15": TRAVEL | dict(equalize=True, rotate_limit=15),  # the two that won two seeds, combined
 }
 RECIPE_FIELDS = tuple(TRAVEL)
 
