@@ -7,6 +7,8 @@
         --clahe-at-prediction --against travel travel           # the same model with CLAHE at prediction time
     python benchmarks/recipe_screen.py --from-scores travel # summarize stored scores again, without training
     python benchmarks/recipe_screen.py --train-on all --seeds 2 baseline travel   # full-size confirmation
+    python benchmarks/recipe_screen.py --train-on all --keep-runs runs --against travel travel_equalized
+                                                            # ... keeping the trained model in runs/
     python benchmarks/recipe_screen.py --train-on all --out results/x --checkpoint runs/dicebce-256px/best.pt travel
                                                             # score a trained model (chapter 03's) as that candidate
 
@@ -81,9 +83,13 @@ def augmentation_rate(config: L.TrainConfig, images: np.ndarray, masks: np.ndarr
 
 
 def score_candidate(
-    name: str, split: dict[str, pd.DataFrame], log, epochs: int, train_on: str, seed: int
+    name: str, split: dict[str, pd.DataFrame], log, epochs: int, train_on: str, seed: int, keep_runs: Path | None = None
 ) -> pd.DataFrame:
-    """Train the candidate with one seed and return its per-image Dice on both validation parts, clean and shifted."""
+    """Train the candidate with one seed and return its per-image Dice on both validation parts, clean and shifted.
+
+    ``keep_runs``: train into ``<keep_runs>/<candidate>-<train_on>-seed<seed>`` and keep it (a new folder: an existing
+    run is never overwritten), e.g. to reuse a full-size model; by default the run lives in a temporary folder.
+    """
     config = L.TrainConfig(image_size=SIZE, epochs=epochs, seed=seed, **CANDIDATES[name])
     chosen = split if train_on == "all" else {part: rows[rows.source == "Montgomery"] for part, rows in split.items()}
     train_arrays = L.load_arrays(chosen["train"], SIZE)
@@ -92,22 +98,26 @@ def score_candidate(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as folder:
-        result = L.train(train_arrays, L.load_arrays(chosen["val"], SIZE), Path(folder) / name, config)
+        run_dir = keep_runs / f"{name}-{train_on}-seed{seed}" if keep_runs else Path(folder) / name
+        result = L.train(train_arrays, L.load_arrays(chosen["val"], SIZE), run_dir, config)
     memory = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""
     log(f"  trained on {len(train_arrays[0])} images ({train_on}) on {result.device}: best epoch {result.best_epoch} of "
         f"{len(result.history)}, {result.wall_seconds / 60:.1f} min, median {result.history.epoch_seconds.median():.1f} s "
         f"per epoch, {result.history.train_images_per_s.median():.2f} training images/s{memory}")
+    if keep_runs:
+        log(f"  run kept in {run_dir.name}")
     return score_model(result.model, split, name, seed)
 
 
 def train_missing_seeds(
-    name: str, seeds: list[int], stored_file: Path, split: dict[str, pd.DataFrame], log, epochs: int, train_on: str
+    name: str, seeds: list[int], stored_file: Path, split: dict[str, pd.DataFrame], log, epochs: int, train_on: str,
+    keep_runs: Path | None = None,
 ) -> pd.DataFrame:
     """The candidate's scores: every seed stored in ``stored_file`` kept, each seed asked that it lacks trained."""
     stored = pd.read_csv(stored_file) if stored_file.is_file() else pd.DataFrame(columns=["seed"])
     for seed in sorted(set(stored.seed)):
         log(f"candidate {name}, seed {seed}: scores stored in {stored_file.name}, reused")
-    frames = [stored] + [score_candidate(name, split, log, epochs, train_on, seed) for seed in seeds if seed not in set(stored.seed)]
+    frames = [stored] + [score_candidate(name, split, log, epochs, train_on, seed, keep_runs) for seed in seeds if seed not in set(stored.seed)]
     return pd.concat(frames, ignore_index=True)
 
 
@@ -218,6 +228,9 @@ def main() -> None:
                         help="summarize the per-image scores stored in the --out folder again, without training")
     parser.add_argument("--checkpoint", type=Path, help="score this trained checkpoint of the (one) candidate named, "
                         "instead of training it: e.g. chapter 03's model, to confirm a candidate at full size")
+    parser.add_argument("--keep-runs", type=Path, metavar="FOLDER",
+                        help="keep each trained run (best.pt, last.pt, history.csv) in a new folder under FOLDER, "
+                        "e.g. runs/, instead of a temporary one")
     args = parser.parse_args()
     unknown = [name for name in [*args.candidates, args.against] if name not in CANDIDATES]
     if args.checkpoint and len(args.candidates) != 1:
@@ -261,7 +274,8 @@ def main() -> None:
                 f"{model.lungseg_config['seed']}, {model.lungseg_config['image_size']} px), scored without training{clahe}")
             scores = score_model(model, split, label, model.lungseg_config["seed"], clahe=args.clahe_at_prediction)
         else:
-            scores = train_missing_seeds(name, seeds, results / f"{label}.csv", split, log, args.epochs, args.train_on)
+            scores = train_missing_seeds(name, seeds, results / f"{label}.csv", split, log, args.epochs, args.train_on,
+                                         args.keep_runs)
         if not args.from_scores:
             scores.to_csv(results / f"{label}.csv", index=False)
         reference_file = results / f"{args.against}.csv"

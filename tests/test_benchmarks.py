@@ -75,14 +75,18 @@ def test_screen_reuses_stored_seeds_and_trains_only_the_missing_ones(tmp_path, m
     screen_scores(42, 0.0).to_csv(stored, index=False)
     trained = []
 
-    def fake_training(name, split, log, epochs, train_on, seed):
+    kept_in = []
+
+    def fake_training(name, split, log, epochs, train_on, seed, keep_runs=None):
         trained.append(seed)
+        kept_in.append(keep_runs)
         return screen_scores(seed, 0.01)
 
     monkeypatch.setattr(screen, "score_candidate", fake_training)
     lines: list[str] = []
-    scores = screen.train_missing_seeds("travel", [42, 43], stored, {}, lines.append, 20, "montgomery")
+    scores = screen.train_missing_seeds("travel", [42, 43], stored, {}, lines.append, 20, "montgomery", tmp_path / "runs")
     assert trained == [43] and sorted(scores.seed.unique()) == [42, 43]
+    assert kept_in == [tmp_path / "runs"], "--keep-runs reaches the training of each missing seed"
     assert lines == ["candidate travel, seed 42: scores stored in travel.csv, reused"]
     assert np.allclose(scores[scores.seed == 42].dice, screen_scores(42, 0.0).dice)
     trained.clear()
