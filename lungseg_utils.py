@@ -1541,12 +1541,12 @@ class TrainConfig:
     The defaults are chapter 03's recipe, the one behind the stored results:
     trained from scratch (``weights=None``), Adam at 1e-3 with a one-cycle
     schedule, 20 epochs at 256 px, batch 8, early stopping after 5 epochs without
-    a better validation loss, and the augmentation of :func:`train_transforms`
-    (framing, strong photometric changes, CLAHE and simulated opacities).
-    ImageNet initialisation is an explicit choice (``weights="imagenet"``) that
-    needs its own learning rate and gives other numbers. ``equalize=True`` adds
-    contrast normalisation (:func:`equalize_contrast`) in training and at
-    prediction time; a candidate, not yet the default.
+    a better validation loss, the augmentation of :func:`train_transforms`
+    (framing, strong photometric changes, CLAHE and simulated opacities), and
+    contrast normalisation of every image (``equalize``: :func:`equalize_contrast`,
+    in training and at prediction time). ImageNet initialisation is an explicit
+    choice (``weights="imagenet"``) that needs its own learning rate and gives
+    other numbers.
     """
 
     encoder: str = "resnet34"
@@ -1565,7 +1565,7 @@ class TrainConfig:
     strong_photometric: bool = True  # the recipe that travels (issue 10): see train_transforms
     opacity_p: float = 0.3
     framing: bool = True
-    equalize: bool = False  # CLAHE on every image, in training and at prediction time: see equalize_contrast
+    equalize: bool = True  # CLAHE on every image, in training and at prediction time: see equalize_contrast
     bce_weight: float = 1.0  # loss = bce_weight * BCE + dice_weight * Dice loss
     dice_weight: float = 1.0
     skip_connections: bool = True
@@ -1931,8 +1931,9 @@ def train(
 
 
 RESUME_MAY_DIFFER = ("device", "num_workers")
-# The first recipe's augmentation (before issue 10), and so what a run did before its config had these fields.
-FIRST_RECIPE_AUGMENTATION = dict(clahe=False, strong_photometric=False, opacity_p=0.0, framing=False)
+# The first recipe's augmentation, without contrast normalisation (before issue 10), and so what a run did
+# before its config had these fields.
+FIRST_RECIPE_AUGMENTATION = dict(clahe=False, strong_photometric=False, opacity_p=0.0, framing=False, equalize=False)
 
 
 def _check_same_config(path: Path, stored: dict, config: TrainConfig) -> None:

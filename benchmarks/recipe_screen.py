@@ -63,10 +63,10 @@ CANDIDATES: dict[str, dict] = {  # each written out in full: the defaults of Tra
     "opacity": FIRST_RECIPE | dict(opacity_p=0.3),
     "framing": FIRST_RECIPE | dict(framing=True),
     "clahe": FIRST_RECIPE | dict(clahe=True),
-    "travel": TRAVEL,  # chapter 03's recipe since issue 10
+    "travel": TRAVEL,  # chapter 03's recipe from issue 10 until travel_equalized was confirmed at full size
     "travel_rotate15": TRAVEL | dict(rotate_limit=15),  # the rotation range: compare with --against travel
     "travel_constant_lr": TRAVEL | dict(schedule="constant"),  # Adam at 1e-3 throughout: --against travel
-    "travel_equalized": TRAVEL | dict(equalize=True),  # CLAHE on every image, training and prediction: --against travel
+    "travel_equalized": TRAVEL | dict(equalize=True),  # chapter 03's recipe: CLAHE on every image, training and prediction
     "travel_equalized_rotate15": TRAVEL | dict(equalize=True, rotate_limit=15),  # the two that won two seeds, combined
 }
 RECIPE_FIELDS = tuple(TRAVEL)

@@ -97,7 +97,7 @@ def test_screen_reuses_stored_seeds_and_trains_only_the_missing_ones(tmp_path, m
 
 def test_screen_scores_a_checkpoint_only_as_the_candidate_it_was_trained_as(tmp_path):
     screen = load_script("recipe_screen")
-    assert screen.CANDIDATES["travel"] == {key: getattr(L.TrainConfig(), key) for key in screen.RECIPE_FIELDS}
+    assert screen.CANDIDATES["travel_equalized"] == {key: getattr(L.TrainConfig(), key) for key in screen.RECIPE_FIELDS}
     path = tmp_path / "best.pt"
     config = L.TrainConfig(encoder="resnet18", image_size=64, **screen.CANDIDATES["baseline"])
     L.save_checkpoint(path, L.build_model("resnet18", weights=None), config, epoch=3, val_loss=0.5)
