@@ -623,6 +623,7 @@ def test_the_default_config_is_chapter_03s_recipe():
     config = L.TrainConfig()
     assert (config.weights, config.lr, config.schedule, config.epochs, config.image_size, config.batch_size, config.patience) == (
         None, 1e-3, "onecycle", 20, 256, 8, 5)
+    assert config.equalize is True, "contrast normalisation on every image: the recipe confirmed at full size"
 
 
 @pytest.mark.parametrize("flags, native", [("fpu avx avx2", False), ("avx2 avx512f avx512_bf16", True), ("avx2 amx_bf16 amx_tile", True)])
@@ -662,7 +663,7 @@ def test_resume_accepts_a_checkpoint_saved_before_new_config_fields(tmp_path):
     interrupted_after_first_epoch(data, val, tmp_path / "run", config)
     last = tmp_path / "run" / "last.pt"
     payload = torch.load(last, weights_only=True)
-    newer = ("horizontal_flip", "clahe", "bce_weight", "dice_weight", "strong_photometric", "opacity_p", "framing")
+    newer = ("horizontal_flip", "clahe", "bce_weight", "dice_weight", "strong_photometric", "opacity_p", "framing", "equalize")
     for key in newer:
         del payload["config"][key]  # as written by an older version of the module, before these fields existed
     torch.save(payload, last)
@@ -671,6 +672,7 @@ def test_resume_accepts_a_checkpoint_saved_before_new_config_fields(tmp_path):
     with pytest.raises(L.LungsegCheckpointError) as refusal:  # today's defaults differ from what that run did: refused, named
         L.train(data, val, tmp_path / "run", tiny_config(epochs=2), resume=True)
     assert "clahe (stored False, now True)" in str(refusal.value) and "framing (stored False, now True)" in str(refusal.value)
+    assert "equalize (stored False, now True)" in str(refusal.value)
 
 
 def test_error_legend_names_the_overlay_colours():
