@@ -25,7 +25,7 @@ run: $(STAMP)
 	@for nb in $(NOTEBOOKS); do \
 		echo "== $$nb"; \
 		LUNGSEG_QUICK=0 TQDM_DISABLE=1 $(PY) -m jupyter nbconvert --to notebook --execute --inplace \
-			--ExecutePreprocessor.timeout=7200 "$$nb" || exit 1; \
+			--ExecutePreprocessor.timeout=14400 "$$nb" || exit 1; \
 	done
 
 lab: $(STAMP)
