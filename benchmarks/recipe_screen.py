@@ -3,13 +3,13 @@
     python benchmarks/recipe_screen.py baseline travel      # one or more candidates, run one after the other
     python benchmarks/recipe_screen.py --list               # the candidates
     python benchmarks/recipe_screen.py --against travel travel_rotate15   # paired with travel, not the baseline
-    python benchmarks/recipe_screen.py --train-on all --out results/x --checkpoint runs/dicebce-256px/best.pt \
-        --clahe-at-prediction --against travel travel           # the same model with CLAHE at prediction time
+    python benchmarks/recipe_screen.py --train-on all --out results/x --checkpoint runs/travel-all-seed42/best.pt \
+        --clahe-at-prediction --against travel travel           # a travel model with CLAHE at prediction time
     python benchmarks/recipe_screen.py --from-scores travel # summarize stored scores again, without training
     python benchmarks/recipe_screen.py --train-on all --seeds 2 baseline travel   # full-size confirmation
     python benchmarks/recipe_screen.py --train-on all --keep-runs runs --against travel travel_equalized
                                                             # ... keeping the trained model in runs/
-    python benchmarks/recipe_screen.py --train-on all --out results/x --checkpoint runs/dicebce-256px/best.pt travel
+    python benchmarks/recipe_screen.py --train-on all --out results/x --checkpoint runs/dicebce-256px/best.pt travel_equalized
                                                             # score a trained model (chapter 03's) as that candidate
 
 By default each candidate trains chapter 06's single-hospital model: Montgomery's training
