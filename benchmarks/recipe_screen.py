@@ -54,7 +54,8 @@ import lungseg_utils as L  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "recipe-screen"
 SIZE = 256
-FIRST_RECIPE = L.FIRST_RECIPE_AUGMENTATION | dict(rotate_limit=35, schedule="onecycle")
+FIRST_RECIPE = dict(strong_photometric=False, clahe=False, framing=False, opacity_p=0.0, rotate_limit=35, schedule="onecycle",
+                    equalize=False)
 TRAVEL = dict(strong_photometric=True, clahe=True, framing=True, opacity_p=0.3, rotate_limit=35, schedule="onecycle",
               equalize=False)
 CANDIDATES: dict[str, dict] = {  # each written out in full: the defaults of TrainConfig may change
@@ -74,7 +75,7 @@ RECIPE_FIELDS = tuple(TRAVEL)
 
 def augmentation_rate(config: L.TrainConfig, images: np.ndarray, masks: np.ndarray, repeats: int = 200) -> float:
     """Images per second that the candidate's augmentation alone delivers on one core."""
-    transform = L.augmentation_for(config)
+    transform = L.train_transforms(config)
     transform.set_random_seed(0)
     started = time.perf_counter()
     for i in range(repeats):

@@ -16,12 +16,48 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+SHARED_COPY = REPO.parent / "shared/data/chest-xray-masks-and-labels"
+
+
+def find_test_data(shared_copy: Path = SHARED_COPY, **montgomery_options) -> Path:
+    """The folder holding the real X-rays (``CXR_png/``): from ``$LUNGSEG_DATA_DIR``, the shared copy, or data/.
+
+    ``$LUNGSEG_DATA_DIR`` naming no data is an error (CI sets it). On a fresh machine
+    with neither, :func:`lungseg_utils.ensure_data` fetches what it can into data/
+    (without Kaggle credentials, the NLM Montgomery set) and says so.
+    """
+    import lungseg_utils as L
+
+    if os.environ.get("LUNGSEG_DATA_DIR"):
+        return L.find_data_dir()
+    if shared_copy.is_dir():
+        return L.find_data_dir(shared_copy)
+    return L.ensure_data(**montgomery_options)
+
+
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
-    """The shared real data set; CI sets LUNGSEG_DATA_DIR, and its absence is a failure, not a skip."""
-    path = os.environ.get("LUNGSEG_DATA_DIR") or REPO.parent / "shared/data/chest-xray-masks-and-labels"
-    assert Path(path).is_dir(), f"Real data not found at {path}: set LUNGSEG_DATA_DIR (see README)."
-    return Path(path)
+    """Real X-rays with manual masks: the Kaggle set, or the Montgomery set alone on a fresh machine."""
+    return find_test_data()
+
+
+@pytest.fixture(scope="session")
+def real_xray(real_data_dir) -> Path:
+    """One real chest X-ray file that has a manual mask (the first by name)."""
+    import lungseg_utils as L
+
+    return Path(L.labeled_only(L.build_pairs_table(real_data_dir, read_sizes=False)).image_path[0])
+
+
+@pytest.fixture(scope="session")
+def kaggle_data_dir(real_data_dir) -> Path:
+    """The Kaggle set (both hospitals, 704 masks); skips, saying why, where only the Montgomery set is there."""
+    import lungseg_utils as L
+
+    sources = set(L.build_pairs_table(real_data_dir, read_sizes=False).source)
+    if sources != {"Montgomery", "Shenzhen"}:
+        pytest.skip(f"needs the Kaggle set with both hospitals; {real_data_dir} holds {sorted(sources)} only")
+    return real_data_dir
 
 
 @pytest.fixture(autouse=True)

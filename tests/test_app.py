@@ -16,8 +16,8 @@ def app():
     return L.SegmentationApp(model)
 
 
-def test_real_xray_upload_gives_mask_area_and_download(app, real_data_dir):
-    path = next((real_data_dir / "Lung Segmentation" / "CXR_png").glob("MCUCXR_*.png"))
+def test_real_xray_upload_gives_mask_area_and_download(app, real_xray):
+    path = real_xray
     result = app.process(path.read_bytes(), path.name)
     gray = L.decode_image(path)
     assert result is not None and result["mask"].shape == gray.shape
@@ -41,7 +41,7 @@ def test_dicom_upload(app):
     assert app.process(b"DICM garbage", "bad.dcm") is None and "not a readable DICOM" in app.message.value
 
 
-def test_app_shows_the_overlay_as_a_png_without_output_widgets(app, real_data_dir):
+def test_app_shows_the_overlay_as_a_png_without_output_widgets(app, real_xray):
     """An Output widget makes nbclient send on the shell channel while it waits there (jupyter/nbclient#312)."""
     import ipywidgets as widgets
 
@@ -51,7 +51,7 @@ def test_app_shows_the_overlay_as_a_png_without_output_widgets(app, real_data_di
             yield from all_widgets(child)
 
     assert not any(isinstance(w, widgets.Output) for w in all_widgets(app.widget))
-    path = next((real_data_dir / "Lung Segmentation" / "CXR_png").glob("MCUCXR_*.png"))
+    path = real_xray
     result = app.process(path.read_bytes(), path.name)
     picture = cv2.imdecode(np.frombuffer(app.picture.value, np.uint8), cv2.IMREAD_COLOR)
     assert picture.shape == (512, 512, 3) and result["mask"].shape == (512, 512)

@@ -250,16 +250,18 @@ def test_module_checks_do_not_rely_on_assert():
     """``python -O`` strips assert statements, so no check of the module may be one."""
     import ast
 
-    tree = ast.parse((L.REPO_DIR / "lungseg_utils.py").read_text())
-    asserts = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assert)]
-    assert not asserts, f"assert statements at lines {asserts} of lungseg_utils.py"
+    for module in ("lungseg_utils.py", "lungseg_io.py"):
+        tree = ast.parse((L.REPO_DIR / module).read_text())
+        asserts = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assert)]
+        assert not asserts, f"assert statements at lines {asserts} of {module}"
 
 
 def test_quick_mode_config(monkeypatch):
     monkeypatch.setenv("LUNGSEG_QUICK", "1")
-    assert L.is_quick_mode() and L.RunConfig.for_mode().epochs <= 2
+    assert L.is_quick_mode() and L.TrainConfig.for_mode() == L.TrainConfig.quick()
+    assert L.TrainConfig.quick().epochs <= 2 and L.TrainConfig.quick().max_images == 80
     monkeypatch.setenv("LUNGSEG_QUICK", "0")
-    assert not L.is_quick_mode() and L.RunConfig.for_mode() == L.RunConfig(256, 20, None, 8, 5)
+    assert not L.is_quick_mode() and L.TrainConfig.for_mode(epochs=3) == L.TrainConfig(epochs=3)
 
 
 def test_lung_areas_sides_follow_radiological_convention():
@@ -272,12 +274,13 @@ def test_lung_areas_sides_follow_radiological_convention():
 
 
 def test_train_transforms_flip_and_clahe_are_explicit_choices():
-    names = {type(t).__name__ for t in L.train_transforms(horizontal_flip=True, clahe=True).transforms}
+    names = {type(t).__name__ for t in L.train_transforms(L.TrainConfig(horizontal_flip=True, clahe=True)).transforms}
     assert {"HorizontalFlip", "CLAHE", "Affine"} <= names
     image = np.tile(np.arange(64, dtype=np.uint8)[None] * 4, (64, 1))
     mask = np.zeros((64, 64), np.uint8)
     mask[:, :16] = 1
-    flip_only = L.train_transforms(rotate_limit=0, photometric=False, horizontal_flip=True)
+    flip_only = L.train_transforms(L.TrainConfig(
+        rotate_limit=0, photometric=False, strong_photometric=False, clahe=False, opacity_p=0, horizontal_flip=True))
     flip_only.set_random_seed(0)
     flipped = [flip_only(image=image, mask=mask)["mask"][:, -16:].all() for _ in range(40)]
     assert 5 < sum(flipped) < 35  # about half of the masks moved to the other side, with their images
@@ -320,14 +323,14 @@ def test_simulated_opacity_whitens_inside_one_lung_and_keeps_the_mask():
     assert (transform(image=image, mask=mask)["image"] == outputs[3]).all()  # repeatable by seed
 
 
-def test_the_default_recipe_has_the_travel_augmentations_and_the_first_recipe_has_none():
-    steps = L.augmentation_for(L.TrainConfig()).transforms
+def test_the_default_recipe_has_the_travel_augmentations_and_a_mild_recipe_has_none():
+    steps = L.train_transforms(L.TrainConfig()).transforms
     names = {type(t).__name__ for t in steps}
     assert {"SimulatedOpacity", "GaussNoise", "ImageCompression", "OneOf", "CLAHE"} <= names
     affine = next(t for t in steps if type(t).__name__ == "Affine")
     assert affine.scale["x"] == (0.75, 1.2)
-    assert L.augmentation_for(L.TrainConfig()).to_dict() == L.train_transforms().to_dict()  # one recipe, one place
-    first_recipe = L.TrainConfig(**L.FIRST_RECIPE_AUGMENTATION)
-    first_steps = L.augmentation_for(first_recipe).transforms
+    assert L.train_transforms(L.TrainConfig()).to_dict() == L.train_transforms().to_dict()  # one recipe, one place
+    mild = L.TrainConfig(clahe=False, strong_photometric=False, opacity_p=0.0, framing=False)
+    first_steps = L.train_transforms(mild).transforms
     assert not {"SimulatedOpacity", "GaussNoise", "CLAHE"} & {type(t).__name__ for t in first_steps}
     assert next(t for t in first_steps if type(t).__name__ == "Affine").scale["x"] == (0.9, 1.1)

@@ -58,8 +58,8 @@ def test_bytes_decode_like_the_file(tmp_path):
     np.testing.assert_array_equal(L.decode_image(path.read_bytes(), "upload.png"), L.decode_image(path))
 
 
-def test_real_xray_decodes_as_opencv_reads_it(real_data_dir):
-    path = next((real_data_dir / "Lung Segmentation" / "CXR_png").glob("CHNCXR_*.png"))
+def test_real_xray_decodes_as_opencv_reads_it(real_xray):
+    path = real_xray
     reference = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     np.testing.assert_array_equal(L.decode_image(path), reference)
 
@@ -125,7 +125,7 @@ def test_truncated_png_is_named(tmp_path):
 
 def test_header_bomb_is_refused_before_decoding(bomb):
     assert bomb.stat().st_size < 200_000
-    with pytest.raises(L.LungsegDataError, match=r"bomb\.png: 20000x20000 px \(400\.0 megapixels\) is over the limit of 60 megapixels.*LUNGSEG_MAX_MEGAPIXELS"):
+    with pytest.raises(L.LungsegDataError, match=r"bomb\.png: 400\.0 megapixels is over the limit of 60 megapixels"):
         L.decode_image(bomb)
     with pytest.raises(L.LungsegDataError, match="over the limit"):
         L.image_size_of(bomb)

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
+import lungseg_io
 import lungseg_utils as L
 from conftest import lung_mask
 
@@ -117,7 +118,7 @@ def test_ensure_data_falls_back_to_montgomery_without_kaggle_credentials(server,
     def no_credentials(target=None):
         raise L.LungsegDataError("Download from Kaggle failed (no credentials).")
 
-    monkeypatch.setattr(L, "download_kaggle", no_credentials)
+    monkeypatch.setattr(lungseg_io, "download_kaggle", no_credentials)
     data_dir = L.ensure_data(tmp_path / "data", urls=[f"{url}/MontgomerySet.zip"], expected_images=2)
     assert data_dir == tmp_path / "data" / "MontgomerySet"
     said = capsys.readouterr().out
@@ -130,7 +131,7 @@ def test_ensure_data_gives_clear_error_when_every_download_fails(tmp_path, monke
     def no_internet(target=None):
         raise L.LungsegDataError("Download from Kaggle failed (network unreachable).")
 
-    monkeypatch.setattr(L, "download_kaggle", no_internet)
+    monkeypatch.setattr(lungseg_io, "download_kaggle", no_internet)
     with pytest.raises(L.LungsegDataError, match="(?s)No data could be downloaded.*network unreachable.*LUNGSEG_DATA_DIR"):
         L.ensure_data(tmp_path / "empty", urls=["http://127.0.0.1:9/MontgomerySet.zip"], timeout=2)
 
@@ -247,3 +248,25 @@ def _zip_in(folder: Path) -> Path:
     archive = folder / "MontgomerySet.zip"
     montgomery_zip(archive)
     return archive
+
+
+def test_a_fresh_machine_fetches_the_montgomery_set_for_the_tests_and_says_so(server, tmp_path, monkeypatch, capsys):
+    """No LUNGSEG_DATA_DIR, no shared copy, an empty data/ and no Kaggle credentials: make test fetches and goes on."""
+    from conftest import find_test_data
+
+    url, www = server
+    montgomery_zip(www / "MontgomerySet.zip")
+
+    def no_credentials(target=None):
+        raise L.LungsegDataError("Download from Kaggle failed (no credentials).")
+
+    monkeypatch.delenv("LUNGSEG_DATA_DIR", raising=False)
+    monkeypatch.setattr(L, "REPO_DIR", tmp_path / "fresh-clone")
+    monkeypatch.setattr(lungseg_io, "download_kaggle", no_credentials)
+    options = dict(shared_copy=tmp_path / "no-shared-copy", urls=[f"{url}/MontgomerySet.zip"], expected_images=2)
+    data_dir = find_test_data(**options)
+    assert data_dir == tmp_path / "fresh-clone" / "data" / "MontgomerySet"
+    said = capsys.readouterr().out
+    assert "no credentials" in said and f"Fetched the NLM Montgomery set into {data_dir}" in said
+    assert set(L.build_pairs_table(data_dir).source) == {"Montgomery"}
+    assert find_test_data(**options) == data_dir and CountingHandler.requests == ["/MontgomerySet.zip"], "fetched once"

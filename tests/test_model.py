@@ -17,6 +17,7 @@ import segmentation_models_pytorch as smp
 import torch
 from safetensors.torch import save_file
 
+import lungseg_io
 import lungseg_utils as L
 from conftest import REPO, StandInModel, lung_mask
 
@@ -33,9 +34,9 @@ def test_build_model_shapes_and_no_skip_variant():
 
 
 def test_imagenet_offline_falls_back_fast_with_one_warning(monkeypatch):
-    monkeypatch.setattr(L, "_cached_imagenet_state", lambda encoder: None)
-    monkeypatch.setattr(L, "_hub_reachable", lambda *a, **k: False)
-    monkeypatch.setattr(L, "_warned_offline", False)
+    monkeypatch.setattr(lungseg_io, "cached_imagenet_state", lambda encoder: None)
+    monkeypatch.setattr(lungseg_io, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(lungseg_io, "_warned_offline", False)
     started = time.perf_counter()
     with pytest.warns(UserWarning, match="random initialization"):
         model = L.build_model("resnet18", weights="imagenet")
@@ -48,7 +49,7 @@ def test_imagenet_offline_falls_back_fast_with_one_warning(monkeypatch):
 
 def test_hub_unreachable_is_detected_quickly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert L._hub_reachable() is False
+    assert lungseg_io.hub_reachable() is False
 
 
 def test_imagenet_weights_from_local_hugging_face_cache(tmp_path, monkeypatch):
@@ -60,7 +61,7 @@ def test_imagenet_weights_from_local_hugging_face_cache(tmp_path, monkeypatch):
     snapshot.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in reference.items()}, str(snapshot / "model.safetensors"))
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(L, "_hub_reachable", lambda *a, **k: pytest.fail("must not go online"))
+    monkeypatch.setattr(lungseg_io, "hub_reachable", lambda *a, **k: pytest.fail("must not go online"))
     model = L.build_model("resnet18", weights="imagenet")
     assert model.lungseg_config["weights"] == "imagenet (Hugging Face cache)"
     for key, value in reference.items():
@@ -252,7 +253,7 @@ def test_train_writes_run_and_refuses_to_overwrite(tmp_path):
     history = pd.read_csv(tmp_path / "run" / "history.csv")
     assert list(history.epoch) == [1, 2] and (history.train_images_per_s > 0).all()
     assert result.best_epoch in (1, 2) and result.best_val_loss == history.val_loss.min()
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(L.LungsegConfigError, match="already holds a run"):
         L.train(tiny_arrays(8), tiny_arrays(4, seed=1), tmp_path / "run", tiny_config(epochs=2))
 
 
@@ -278,20 +279,20 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
 
 
 def test_early_stopping_stops_after_patience(tmp_path, monkeypatch):
-    monkeypatch.setattr(L, "_run_epoch", lambda *args, **kwargs: (1.0, 0.5))  # a loss that never improves
+    monkeypatch.setattr(L, "run_epoch", lambda *args, **kwargs: {"loss": 1.0, "dice": 0.5})  # a loss that never improves
     result = L.train(tiny_arrays(8), tiny_arrays(4, seed=1), tmp_path / "run", tiny_config(epochs=6, patience=2))
     assert result.history.epoch.tolist() == [1, 2, 3] and result.best_epoch == 1
 
 
 def test_resume_without_checkpoint_is_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="Nothing to resume"):
+    with pytest.raises(L.LungsegConfigError, match="Nothing to resume"):
         L.train(tiny_arrays(8), tiny_arrays(4), tmp_path / "new", tiny_config(), resume=True)
 
 
 def test_resume_refuses_a_changed_config_naming_the_fields(tmp_path):
     data, val = tiny_arrays(8), tiny_arrays(4, seed=1)
     L.train(data, val, tmp_path / "run", tiny_config(epochs=1))
-    with pytest.raises(L.LungsegCheckpointError, match=r"config differs in epochs \(stored 1, now 2\); lr \(stored 0\.001, now 0\.01\)"):
+    with pytest.raises(L.LungsegConfigError, match=r"config differs in epochs \(stored 1, now 2\); lr \(stored 0\.001, now 0\.01\)"):
         L.train(data, val, tmp_path / "run", tiny_config(epochs=2, lr=1e-2), resume=True)
     resumed = L.train(data, val, tmp_path / "run", tiny_config(epochs=1, num_workers=0, device="cpu"), resume=True)
     assert resumed.history.epoch.tolist() == [1]
@@ -417,8 +418,8 @@ def test_predict_uses_the_imagenet_normalisation(random_model):
         assert np.abs(model_on(wrong) - expected).max() > 3 * tolerance, "the check must be able to fail"
 
 
-def test_predict_any_input_kind_gives_the_same_probabilities(random_model, real_data_dir):
-    image_path = next((real_data_dir / "Lung Segmentation" / "CXR_png").glob("MCUCXR_*.png"))
+def test_predict_any_input_kind_gives_the_same_probabilities(random_model, real_xray):
+    image_path = real_xray
     gray = L.decode_image(image_path)
     reference = L.predict_proba(random_model, gray)
     assert reference.shape == gray.shape and reference.std() > 0.01
@@ -488,7 +489,8 @@ def test_evaluate_matches_known_dice_iou_and_hd95(tmp_path):
         cv2.imwrite(str(base / "CXR_png" / f"{name}.png"), np.where(bright > 0, 220, 20).astype(np.uint8))
         cv2.imwrite(str(base / "masks" / f"{name}.png"), truth)
     bright_is_lung = StandInModel(lambda x: (x[:, :1] > 0).float() * 20 - 10)
-    scores = L.evaluate(bright_is_lung, L.labeled_only(L.build_pairs_table(tmp_path)))
+    scores, probs, masks = L.evaluate(bright_is_lung, L.labeled_only(L.build_pairs_table(tmp_path)))
+    assert probs.shape == masks.shape == (3, 64, 64) and (masks == (truth > 0)).all()
     np.testing.assert_allclose(scores.dice, [1.0, 2 * 320 / 800, 0.0], atol=1e-6)
     np.testing.assert_allclose(scores.iou, [1.0, 320 / 480, 0.0], atol=1e-6)
     np.testing.assert_allclose(scores.dice_orig, scores.dice, atol=1e-6)
@@ -504,7 +506,11 @@ def test_find_checkpoint_prefers_argument_then_environment(small_checkpoint, tmp
     assert L.find_checkpoint() is None
     monkeypatch.setenv("LUNGSEG_CHECKPOINT", str(small_checkpoint))
     assert L.find_checkpoint() == small_checkpoint
-    assert L.find_checkpoint(tmp_path / "missing.pt") is None
+    with pytest.raises(L.LungsegCheckpointError, match="missing.pt"):
+        L.find_checkpoint(tmp_path / "missing.pt")
+    monkeypatch.setenv("LUNGSEG_CHECKPOINT", str(tmp_path / "typo.pt"))
+    with pytest.raises(L.LungsegCheckpointError, match="LUNGSEG_CHECKPOINT=.*typo.pt"):  # never a silent new model
+        L.load_chapter_model()
 
 
 def test_loaded_checkpoint_describes_itself(small_checkpoint, monkeypatch):
@@ -513,7 +519,8 @@ def test_loaded_checkpoint_describes_itself(small_checkpoint, monkeypatch):
     assert model.lungseg_config["weights_loaded"] == "None" and model.lungseg_config["epoch"] == 1
     assert "initial encoder weights: random init" in description and "resnet18" in description
     assert "augmentation: framing + strong photometric + CLAHE + simulated opacities (p 0.3)" in description
-    assert L.describe_augmentation({"encoder": "resnet34"}) == "augmentation: the first, mild recipe"  # an older checkpoint
+    mild = L.describe_augmentation(asdict(L.TrainConfig(framing=False, strong_photometric=False, clahe=False, opacity_p=0)))
+    assert mild == "augmentation: rotation, scale, shift and mild photometric changes"
 
 
 def test_loaded_model_knows_its_checkpoint(small_checkpoint):
@@ -530,7 +537,7 @@ def test_quick_fallback_model_folder_is_removed_when_python_exits(tmp_path):
     code = (
         "import lungseg_utils as L, pathlib\n"
         "L.CHAPTER_RUN_DIR = pathlib.Path('/nonexistent')\n"
-        "L.RunConfig.for_mode = classmethod(lambda cls, quick=None: cls(image_size=64, epochs=1, max_images=12))\n"
+        "L.TrainConfig.quick = classmethod(lambda cls, **overrides: cls(image_size=64, epochs=1, max_images=12))\n"
         f"model, said = L.load_chapter_model({str(tmp_path / 'data')!r})\n"
         "print('CHECKPOINT', model.lungseg_checkpoint, model.lungseg_checkpoint.is_file())\n"
         "print('SAID', said)\n"
@@ -547,9 +554,9 @@ def test_quick_fallback_model_folder_is_removed_when_python_exits(tmp_path):
 
 def test_hub_check_is_bounded_when_name_lookup_hangs(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(L.socket, "getaddrinfo", lambda *args, **kwargs: time.sleep(30))
+    monkeypatch.setattr(lungseg_io.socket, "getaddrinfo", lambda *args, **kwargs: time.sleep(30))
     started = time.perf_counter()
-    assert L._hub_reachable(timeout=0.5) is False
+    assert lungseg_io.hub_reachable(timeout=0.5) is False
     assert time.perf_counter() - started < 3
 
 
@@ -657,24 +664,6 @@ def test_loss_weights_in_the_config_reach_the_training_loss(tmp_path):
     assert stored["dice_weight"] == 0.0 and stored["bce_weight"] == 1.0
 
 
-def test_resume_accepts_a_checkpoint_saved_before_new_config_fields(tmp_path):
-    data, val = tiny_arrays(8), tiny_arrays(4, seed=1)
-    config = tiny_config(epochs=2, **L.FIRST_RECIPE_AUGMENTATION)  # the augmentation older versions ran
-    interrupted_after_first_epoch(data, val, tmp_path / "run", config)
-    last = tmp_path / "run" / "last.pt"
-    payload = torch.load(last, weights_only=True)
-    newer = ("horizontal_flip", "clahe", "bce_weight", "dice_weight", "strong_photometric", "opacity_p", "framing", "equalize")
-    for key in newer:
-        del payload["config"][key]  # as written by an older version of the module, before these fields existed
-    torch.save(payload, last)
-    resumed = L.train(data, val, tmp_path / "run", config, resume=True)  # missing fields count as what older runs did
-    assert resumed.history.epoch.tolist() == [1, 2]
-    with pytest.raises(L.LungsegCheckpointError) as refusal:  # today's defaults differ from what that run did: refused, named
-        L.train(data, val, tmp_path / "run", tiny_config(epochs=2), resume=True)
-    assert "clahe (stored False, now True)" in str(refusal.value) and "framing (stored False, now True)" in str(refusal.value)
-    assert "equalize (stored False, now True)" in str(refusal.value)
-
-
 def test_error_legend_names_the_overlay_colours():
     import matplotlib
 
@@ -709,7 +698,7 @@ def test_paired_difference_sees_a_small_consistent_gain_that_separate_intervals_
 
 
 def test_paired_difference_needs_the_same_images_and_counts_undefined_scores():
-    with pytest.raises(ValueError, match="same images"):
+    with pytest.raises(L.LungsegDataError, match="same images"):
         L.paired_difference([0.9, 0.8], [0.9])
     result = L.paired_difference([1.0, np.nan, 3.0, 5.0], [0.0, 1.0, 1.0, 2.0])
     assert result["n"] == 3 and result["missing"] == 1 and result["mean_difference"] == pytest.approx(2.0)
@@ -737,10 +726,10 @@ def test_learning_rate_schedule_rises_to_its_peak_then_decays():
 
 
 def test_imagenet_availability_follows_cache_and_hub(monkeypatch):
-    monkeypatch.setattr(L, "_cached_imagenet_state", lambda encoder: None)
-    monkeypatch.setattr(L, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(lungseg_io, "cached_imagenet_state", lambda encoder: None)
+    monkeypatch.setattr(lungseg_io, "hub_reachable", lambda: False)
     assert L.imagenet_weights_available() is False
-    monkeypatch.setattr(L, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(lungseg_io, "hub_reachable", lambda: True)
     assert L.imagenet_weights_available() is True
 
 

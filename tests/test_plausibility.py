@@ -81,10 +81,10 @@ def test_predict_warns_with_the_file_name(tmp_path):
         L.predict(all_lung, path, warn=False)
 
 
-def test_cli_prints_warnings_and_still_succeeds(tmp_path, real_data_dir):
+def test_cli_prints_warnings_and_still_succeeds(tmp_path, real_xray):
     checkpoint = tmp_path / "best.pt"
     L.save_checkpoint(checkpoint, L.build_model("resnet18", weights=None), L.TrainConfig(encoder="resnet18", image_size=64))
-    good = next((real_data_dir / "Lung Segmentation" / "CXR_png").glob("CHNCXR_*.png"))
+    good = real_xray
     inverted = tmp_path / "inverted.png"
     cv2.imwrite(str(inverted), 255 - cv2.imread(str(good), cv2.IMREAD_GRAYSCALE))
     result = subprocess.run([sys.executable, str(REPO / "lungseg_utils.py"), "predict", str(inverted), "--checkpoint", str(checkpoint),

@@ -59,7 +59,7 @@ def test_effusion_is_basal(pair):
 
 
 def test_unknown_shift_is_refused(pair):
-    with pytest.raises(ValueError, match="Unknown shift 'fog'"):
+    with pytest.raises(L.LungsegConfigError, match="Unknown shift 'fog'"):
         L.apply_shift(*pair, "fog")
 
 
