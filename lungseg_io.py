@@ -1,8 +1,8 @@
 """lungseg_io: where files come in and go out.
 
-The chapters never import this module: :mod:`lungseg_utils` re-exports its
-public names and calls the rest. It holds the edge plumbing that keeps those
-helpers safe and their errors clear:
+The chapters never import this module: :mod:`lungseg_utils` re-exports the
+names in ``__all__`` and calls the others. It holds the edge plumbing that
+keeps those helpers safe and their errors clear:
 
 1. Download and safe extraction: ``download_file``, ``safe_extract``, ``download_montgomery``, ``download_kaggle``.
 2. Decoder guards and DICOM: ``check_image_size``, ``open_raster``, ``raster_pixels``, ``decode_dicom``.
@@ -42,7 +42,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = [
     "MONTGOMERY_URLS", "MONTGOMERY_IMAGES", "MAX_ARCHIVE_BYTES",
     "safe_extract", "download_file", "sha256_of", "download_montgomery", "download_kaggle",
-    "check_image_size", "read_checkpoint", "imagenet_weights_available", "main",
+    "check_image_size", "max_image_pixels", "read_checkpoint", "imagenet_weights_available", "main",
 ]
 
 
@@ -99,6 +99,7 @@ def _check_archive_members(archive: Path, members: list[zipfile.ZipInfo], target
             f"{max_bytes / 2**30:.1f} GiB (a zip bomb or the wrong file). Download it again from its official source."
         )
 
+
 def safe_extract(archive: str | os.PathLike, target: str | os.PathLike, max_bytes: int = MAX_ARCHIVE_BYTES) -> list[Path]:
     """Extract a zip archive inside ``target`` only, all or nothing.
 
@@ -138,6 +139,7 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike, max_byte
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return [target / m.filename for m in members if not m.is_dir()]
+
 
 def download_file(
     url: str,
@@ -180,6 +182,7 @@ def download_file(
     os.replace(partial, destination)
     return destination
 
+
 def sha256_of(path: str | os.PathLike) -> str:
     """The SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
@@ -188,11 +191,13 @@ def sha256_of(path: str | os.PathLike) -> str:
             digest.update(block)
     return digest.hexdigest()
 
+
 def _file_matches(path: Path, expected_size: int | None, sha256: str | None) -> bool:
     """True when ``path`` has the expected size and SHA-256 (each checked only when given)."""
     if expected_size is not None and path.stat().st_size != expected_size:
         return False
     return sha256 is None or sha256_of(path) == sha256.lower()
+
 
 def _check_montgomery_set(set_dir: Path, expected_images: int | None) -> None:
     """Raise unless ``set_dir`` holds X-rays, each with a left and a right mask (and, if given, that many)."""
@@ -204,6 +209,7 @@ def _check_montgomery_set(set_dir: Path, expected_images: int | None) -> None:
             f"{set_dir}: the archive does not hold the Montgomery set as published ({len(images)} X-rays"
             f"{f', expected {expected_images}' if expected_images else ''}; {len(missing)} masks missing)."
         )
+
 
 def download_montgomery(
     target: str | os.PathLike | None = None,
@@ -221,7 +227,7 @@ def download_montgomery(
     call downloads it again) and the message says so. Its masks come as
     ``ManualMask/leftMask`` and ``rightMask``; :func:`L.build_pairs_table` combines them.
     """
-    target = Path(target or L.REPO_DIR / "data")
+    target = Path(target) if target else L.settings().data_dir
     set_dir = target / "MontgomerySet"
     if L._has_images(set_dir):
         return set_dir
@@ -248,6 +254,7 @@ def download_montgomery(
     archive.unlink()
     return set_dir
 
+
 def download_kaggle(target: str | os.PathLike | None = None) -> Path:
     """Download the Kaggle 'Chest X-Ray Masks and Labels' set with ``kagglehub``.
 
@@ -255,7 +262,7 @@ def download_kaggle(target: str | os.PathLike | None = None) -> Path:
     ``target/chest-xray-masks-and-labels`` is made a link to it (a copy where links
     are not allowed). Returns the folder that holds ``CXR_png/``.
     """
-    target = Path(target or L.REPO_DIR / "data")
+    target = Path(target) if target else L.settings().data_dir
     with contextlib.suppress(L.LungsegDataError):
         return L.find_data_dir(target)
     try:
@@ -265,12 +272,18 @@ def download_kaggle(target: str | os.PathLike | None = None) -> Path:
     except Exception as error:  # no internet, no credentials, no kagglehub, ...
         raise L.LungsegDataError(f"Download from Kaggle failed ({type(error).__name__}: {error}).\n{L.DATA_HELP}") from error
     link = target / "chest-xray-masks-and-labels"
-    target.mkdir(parents=True, exist_ok=True)
-    if not link.exists():
-        try:
-            link.symlink_to(downloaded, target_is_directory=True)
-        except OSError:
-            shutil.copytree(downloaded, link)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            try:
+                link.symlink_to(downloaded, target_is_directory=True)
+            except OSError:
+                shutil.copytree(downloaded, link)
+    except OSError as error:
+        raise L.LungsegDataError(
+            f"Downloaded the Kaggle set to {downloaded} but could not place it in {link} ({error.strerror or error}). "
+            f"Set LUNGSEG_DATA_DIR={downloaded} instead."
+        ) from None
     return L.find_data_dir(link)
 
 
@@ -282,12 +295,17 @@ def download_kaggle(target: str | os.PathLike | None = None) -> Path:
 MIN_IMAGE_SIDE = 32
 
 
+def max_image_pixels() -> int:
+    """The largest image accepted: ``$LUNGSEG_MAX_MEGAPIXELS`` million pixels, at most Pillow's own limit (about 89)."""
+    return min(int(L.settings().max_megapixels * 1e6), Image.MAX_IMAGE_PIXELS or sys.maxsize)
+
+
 def check_image_size(width: int, height: int, name: str, max_pixels: int | None = None) -> None:
-    """Refuse images over ``max_pixels`` (default ``$LUNGSEG_MAX_MEGAPIXELS`` million, 60) or under 32 px per side.
+    """Refuse images over ``max_pixels`` (default :func:`max_image_pixels`, 60 megapixels) or under 32 px per side.
 
     A Montgomery original has 19.7 megapixels; the default leaves room for larger detectors.
     """
-    max_pixels = max_pixels or int(L.settings().max_megapixels * 1e6)
+    max_pixels = max_pixels or max_image_pixels()
     if width * height > max_pixels:
         raise L.LungsegDataError(
             f"{name}: {width}x{height} px ({width * height / 1e6:.1f} megapixels) is over the limit of "
@@ -337,9 +355,8 @@ def looks_like_dicom(source: str | os.PathLike | bytes, name: str) -> bool:
 def open_raster(source: str | os.PathLike | bytes, name: str, max_pixels: int | None = None) -> Image.Image:
     """Open a PNG/JPEG/TIFF/BMP lazily (header only) and check its size before anything is decoded.
 
-    Pillow reads only the header here. Its own decompression-bomb limit (about
-    179 megapixels) still applies; :func:`check_image_size` is stricter by
-    default and names the file.
+    Pillow reads only the header here, and refuses by itself what is over twice
+    its own limit; :func:`check_image_size` refuses the rest and names the file.
     """
     check_file(source, name)
     fileobj = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
@@ -349,8 +366,7 @@ def open_raster(source: str | os.PathLike | bytes, name: str, max_pixels: int | 
         pixels = re.search(r"\((\d+) pixels\)", str(error))
         size = f"{int(pixels.group(1)) / 1e6:.1f} megapixels" if pixels else "its size"
         raise L.LungsegDataError(
-            f"{name}: {size} is over the limit of {L.settings().max_megapixels:g} megapixels and more than "
-            "Pillow decodes safely. Downscale the image."
+            f"{name}: {size} is over the limit of {max_image_pixels() / 1e6:g} megapixels. Downscale the image."
         ) from None
     except UnidentifiedImageError:
         raise L.LungsegDataError(
@@ -598,13 +614,21 @@ def load_weights_file(model: smp.Unet, path: Path) -> None:
     """Load a local ``.safetensors``/``.pth`` file of encoder or whole-model weights (safely)."""
     if not path.is_file():
         raise L.LungsegDataError(f"Weights file not found: {path}. Give the path of a .safetensors or .pth file.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path), device="cpu")
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("model_state", state) if isinstance(state, dict) else state
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("model_state", state) if isinstance(state, dict) else state
+    except Exception as error:  # the reason only: PyTorch's own message may advise weights_only=False
+        raise L.LungsegDataError(
+            f"{path}: not a readable weights file ({type(error).__name__}). Give a .safetensors file, "
+            "or a .pth file that holds only tensors, from a source you trust."
+        ) from None
+    if not isinstance(state, dict):
+        raise L.LungsegDataError(f"{path}: holds a {type(state).__name__}, not a dict of weights.")
     encoder_keys = set(model.encoder.state_dict())
     target = model.encoder if encoder_keys >= set(state) - {"fc.weight", "fc.bias"} else model
     state = {k: v for k, v in state.items() if not k.startswith("fc.")} if target is model.encoder else state
@@ -622,7 +646,7 @@ def load_weights_file(model: smp.Unet, path: Path) -> None:
 def _cli_train(args: argparse.Namespace) -> None:
     """Train on the train part of :func:`lungseg_utils.three_way_split` and score validation and test."""
     table = L.build_pairs_table(args.data_dir)
-    base = L.TrainConfig.quick() if args.quick or L.is_quick_mode() else L.TrainConfig()
+    base = L.TrainConfig.quick() if args.quick else L.TrainConfig.for_mode()
     config = replace(
         base, image_size=args.size or base.image_size, epochs=args.epochs or base.epochs, lr=args.lr,
         schedule=args.schedule, weights=None if args.weights == "none" else args.weights,

@@ -62,6 +62,9 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
+# lungseg_io (downloads, decoder guards, checkpoint files, the hub, the command line) builds on this
+# module, so it is imported at the end of this file; the functions here call it as lungseg_io.<name>.
+
 __all__ = [
     # 1. settings and errors
     "LungsegError", "LungsegDataError", "LungsegCheckpointError", "LungsegConfigError", "LungsegWarning",
@@ -208,7 +211,8 @@ class TrainConfig:
     of :func:`train_transforms` (framing, strong photometric changes, random
     CLAHE and simulated opacities), and contrast normalisation of every image
     (``equalize``: :func:`equalize_contrast`, in training and at prediction
-    time). ``max_images`` keeps a subset of the data (:func:`quick_subset`);
+    time). ``max_images`` is how many labelled X-rays the caller keeps
+    (:func:`quick_subset`); :func:`train` trains on the arrays it is given.
     :meth:`quick` is the small run of quick mode.
     """
 
@@ -263,10 +267,9 @@ def seed_everything(seed: int = SEED) -> None:
     Albumentations keeps its own generator: :func:`train` seeds it each epoch
     with ``Compose.set_random_seed`` (and :func:`seed_worker` in DataLoader workers).
     On a GPU it also makes cuDNN choose deterministic convolution algorithms
-    and stop benchmarking them: repeatable runs, at a cost of a few percent of
-    speed (cuDNN's autotuner would otherwise pick the fastest kernel per shape,
-    and the pick can differ between runs). A few CUDA kernels use atomic
-    additions, so GPU runs can still differ in the last digits.
+    instead of benchmarking them (the fastest pick can differ between runs); a
+    few CUDA kernels use atomic additions, so GPU runs can still differ in the
+    last digits.
     """
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -327,7 +330,7 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     which :func:`train` pairs with a GradScaler. ``torch.cuda.is_bf16_supported()``
     is not used: it reports True on older GPUs, which only emulate bf16.
     CPU: bf16 only where it is native (:func:`cpu_has_native_bf16`), else fp32.
-    Apple MPS: fp32 (its autocast covers fewer operations; not measured here).
+    Apple MPS: fp32 (its autocast covers fewer operations).
     """
     if device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(device)
@@ -565,8 +568,8 @@ class Regions(NamedTuple):
 
 def lung_regions(mask: np.ndarray) -> Regions:
     """The 8-connected regions of a mask (OpenCV's ``connectedComponentsWithStats``)."""
-    _, labels, stats, centroids = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    return Regions(labels, stats[1:, cv2.CC_STAT_AREA], centroids[1:])
+    _, labels, region_stats, centroids = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    return Regions(labels, region_stats[1:, cv2.CC_STAT_AREA], centroids[1:])
 
 
 def lung_areas(mask: np.ndarray) -> dict[str, float]:
@@ -846,7 +849,7 @@ def load_arrays(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Stack the cached images ``(N, size, size)`` and masks (None if any row is unlabeled).
 
-    Decoding runs on a thread pool (OpenCV releases the GIL); cached samples load in milliseconds.
+    Decoding runs on a thread pool (OpenCV releases the GIL); cached samples are read, not decoded.
     """
     workers = workers or min(8, os.cpu_count() or 1)
     jobs = list(zip(rows["image_path"], rows["mask_paths"]))
@@ -869,6 +872,36 @@ def load_arrays(
 # --------------------------------------------------------------------------
 # 4. Augmentation and dataset
 # --------------------------------------------------------------------------
+
+
+def _one_lung(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The mask of one lung (a random side's largest region), as bool."""
+    labels, areas, centroids = lung_regions(mask)
+    if len(areas) == 0:
+        return np.zeros(mask.shape, bool)
+    side_left = rng.random() < 0.5
+    on_side = [i for i in range(len(areas)) if (centroids[i, 0] < mask.shape[1] / 2) == side_left] or list(range(len(areas)))
+    largest = max(on_side, key=lambda i: areas[i])
+    return labels == largest + 1
+
+
+def _paint_opacity(image: np.ndarray, region: np.ndarray, strength: float) -> np.ndarray:
+    """Whiten ``region`` towards 230 by ``strength`` (0..1), edges softened over a few pixels; never darker."""
+    weight = cv2.GaussianBlur(region.astype(np.float32), (0, 0), 2.0) * strength
+    painted = np.round(image.astype(np.float32) * (1 - weight) + 230 * weight)
+    return np.maximum(image, np.clip(painted, 0, 255).astype(np.uint8))
+
+
+def _opacity_region(kind: str, lung: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """The part of one lung that an opacity covers: ``share`` of its area (basal for an effusion)."""
+    rows, cols = np.nonzero(lung)
+    if kind == "effusion":  # from the base upwards, a level surface
+        cut = np.quantile(rows, 1 - share)
+        return lung & (np.arange(lung.shape[0])[:, None] >= cut)
+    centre = np.array([rows.mean(), cols.mean()]) + rng.normal(0, 5, 2)
+    distance = np.hypot(*(np.indices(lung.shape) - centre[:, None, None]))
+    radius = np.quantile(distance[lung], share)  # a blob grown from inside the lung until it covers ``share``
+    return lung & (distance <= radius)
 
 
 class SimulatedOpacity(A.ImageOnlyTransform):
@@ -926,11 +959,11 @@ def train_transforms(config: TrainConfig | None = None) -> A.Compose:
     two lungs differ in shape (chapter 02 measures it). ``horizontal_flip=True``
     adds the write-up's flip, to measure that choice.
     """
-    c = config or TrainConfig()
-    scale, shift = ((0.75, 1.2), 0.1) if c.framing else ((0.9, 1.1), 0.05)
+    config = config or TrainConfig()
+    scale, shift = ((0.75, 1.2), 0.1) if config.framing else ((0.9, 1.1), 0.05)
     steps: list[A.BasicTransform] = [
         A.Affine(
-            rotate=(-c.rotate_limit, c.rotate_limit),
+            rotate=(-config.rotate_limit, config.rotate_limit),
             scale=scale,
             translate_percent=(-shift, shift),
             border_mode=cv2.BORDER_CONSTANT,
@@ -939,11 +972,11 @@ def train_transforms(config: TrainConfig | None = None) -> A.Compose:
             p=0.7,
         )
     ]
-    if c.horizontal_flip:
+    if config.horizontal_flip:
         steps.append(A.HorizontalFlip(p=0.5))
-    if c.opacity_p > 0:
-        steps.append(SimulatedOpacity(p=c.opacity_p))
-    if c.strong_photometric:
+    if config.opacity_p > 0:
+        steps.append(SimulatedOpacity(p=config.opacity_p))
+    if config.strong_photometric:
         steps += [
             A.RandomBrightnessContrast(brightness_limit=0.3, contrast_limit=0.3, p=0.6),
             A.RandomGamma(gamma_limit=(60, 160), p=0.5),
@@ -954,12 +987,12 @@ def train_transforms(config: TrainConfig | None = None) -> A.Compose:
             ], p=0.3),
             A.ImageCompression(quality_range=(30, 95), p=0.3),
         ]
-    elif c.photometric:
+    elif config.photometric:
         steps += [
             A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
             A.RandomGamma(gamma_limit=(80, 120), p=0.3),
         ]
-    if c.clahe:
+    if config.clahe:
         steps.append(A.CLAHE(clip_limit=(1, 4), p=0.3))
     return A.Compose(steps)
 
@@ -1305,6 +1338,8 @@ def train(
     progress = _restore(state, run_dir, model, optimizer, scheduler, scaler)
     print(f"Training on {device} ({amp_dtype or 'fp32'}), {len(train_arrays[0])} train / "
           f"{len(val_arrays[0])} val images at {config.image_size}px, weights: {model.lungseg_config['weights']}")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     while progress.epoch < config.epochs and progress.stale_epochs < config.patience:
         epoch = progress.epoch + 1
@@ -1359,6 +1394,8 @@ class _Progress:
 
 
 RESUME_MAY_DIFFER = ("device", "num_workers")
+RESUME_KEYS = ("config", "model_state", "optimizer_state", "scheduler_state", "epoch", "best_val_loss", "best_epoch",
+               "stale_epochs", "history")
 
 
 def _open_run(run_dir: Path, config: TrainConfig, resume: bool) -> dict | None:
@@ -1375,6 +1412,12 @@ def _open_run(run_dir: Path, config: TrainConfig, resume: bool) -> dict | None:
     if not last_path.is_file():
         raise LungsegConfigError(f"Nothing to resume: {last_path} does not exist. Start a new run without resume.")
     state = lungseg_io.read_checkpoint(last_path)
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise LungsegCheckpointError(
+            f"Cannot resume {last_path}: it lacks {', '.join(missing)}, so it is not a last.pt written by train(). "
+            "Start a new run in a new folder."
+        )
     stored, current = state.get("config", {}), lungseg_io.plain(asdict(config))
     differences = [
         f"{key} (stored {stored.get(key, 'nothing')!r}, now {value!r})"
@@ -1472,7 +1515,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
             f"{path}: weights do not fit a U-Net with encoder {config['encoder']!r} "
             f"(checkpoint of another architecture?): {str(error).splitlines()[0]}"
         ) from None
-    model.lungseg_config = {**config, "weights_loaded": payload.get("weights_loaded"), "epoch": payload.get("epoch"),
+    model.lungseg_config = {**config, "weights_loaded": payload.get("weights_loaded", "unknown"), "epoch": payload.get("epoch"),
                             "lung_fraction_range": payload.get("lung_fraction_range")}
     model.lungseg_checkpoint = path
     return model.to(device).eval()
@@ -1560,7 +1603,7 @@ def load_chapter_model(
     """Chapter 03's model for the chapters that use it, never silently replaced by another.
 
     Loads the checkpoint of :func:`find_checkpoint`. Without one: on a CUDA GPU
-    it trains chapter 03's recipe into ``runs/dicebce-256px`` (a few minutes) and
+    it trains chapter 03's recipe into ``runs/dicebce-256px`` and
     says so; elsewhere it prints a banner and trains the quick-mode model, whose
     scores are not the stored ones. Returns the model and one line saying where
     it comes from.
@@ -2069,36 +2112,6 @@ SHIFTS = (*_SHIFT_TRANSFORMS, *_PAINTED_SHIFTS)
 
 
 GEOMETRIC_SHIFTS = ("rotation", "zoom_out", "zoom_in", "off_centre")
-
-
-def _one_lung(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The mask of one lung (a random side's largest region), as bool."""
-    labels, areas, centroids = lung_regions(mask)
-    if len(areas) == 0:
-        return np.zeros(mask.shape, bool)
-    side_left = rng.random() < 0.5
-    on_side = [i for i in range(len(areas)) if (centroids[i, 0] < mask.shape[1] / 2) == side_left] or list(range(len(areas)))
-    largest = max(on_side, key=lambda i: areas[i])
-    return labels == largest + 1
-
-
-def _paint_opacity(image: np.ndarray, region: np.ndarray, strength: float) -> np.ndarray:
-    """Whiten ``region`` towards 230 by ``strength`` (0..1), edges softened over a few pixels; never darker."""
-    weight = cv2.GaussianBlur(region.astype(np.float32), (0, 0), 2.0) * strength
-    painted = np.round(image.astype(np.float32) * (1 - weight) + 230 * weight)
-    return np.maximum(image, np.clip(painted, 0, 255).astype(np.uint8))
-
-
-def _opacity_region(kind: str, lung: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
-    """The part of one lung that an opacity covers: ``share`` of its area (basal for an effusion)."""
-    rows, cols = np.nonzero(lung)
-    if kind == "effusion":  # from the base upwards, a level surface
-        cut = np.quantile(rows, 1 - share)
-        return lung & (np.arange(lung.shape[0])[:, None] >= cut)
-    centre = np.array([rows.mean(), cols.mean()]) + rng.normal(0, 5, 2)
-    distance = np.hypot(*(np.indices(lung.shape) - centre[:, None, None]))
-    radius = np.quantile(distance[lung], share)  # a blob grown from inside the lung until it covers ``share``
-    return lung & (distance <= radius)
 
 
 def apply_shift(
