@@ -1,7 +1,11 @@
-"""Shared fixtures: the real data (via LUNGSEG_DATA_DIR) and tiny synthetic data sets."""
+"""Shared fixtures: the real data (via LUNGSEG_DATA_DIR), tiny synthetic data sets, one tiny trained checkpoint
+and one random model, and ``naming`` for matching error messages by what they name."""
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+import re
 import sys
 from pathlib import Path
 
@@ -58,6 +62,80 @@ def kaggle_data_dir(real_data_dir) -> Path:
     if sources != {"Montgomery", "Shenzhen"}:
         pytest.skip(f"needs the Kaggle set with both hospitals; {real_data_dir} holds {sorted(sources)} only")
     return real_data_dir
+
+
+def naming(*names: str | Path) -> str:
+    """A ``pytest.raises(match=...)`` pattern: the message names each of ``names``, in any order.
+
+    Give the file (a Path stands for its name) or setting an error is about, and at most one key word
+    that is the point of the test, never a whole sentence: the wording may change, what it names may not.
+    """
+    texts = [name.name if isinstance(name, Path) else str(name) for name in names]
+    for i, text in enumerate(texts):
+        for other in texts[:i] + texts[i + 1:]:
+            if text in other:
+                raise ValueError(f"{text!r} is part of {other!r}: matching both would check nothing more")
+    return "(?s)" + "".join(f"(?=.*{re.escape(text)})" for text in texts)
+
+
+@contextlib.contextmanager
+def random_state_kept():
+    """Run a block (e.g. a fixture that seeds everything) without changing Python's, NumPy's and torch's random state."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    cudnn = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    try:
+        with torch.random.fork_rng():
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
+
+
+def tiny_arrays(n: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` synthetic X-rays and their 0/1 masks (two elliptic lungs, shifted a little), ``size`` px."""
+    rng = np.random.default_rng(seed)
+    masks = np.stack([lung_mask(size, shift=int(s)) // 255 for s in rng.integers(-4, 5, n)])
+    images = (masks * 120 + rng.integers(0, 60, masks.shape)).astype(np.uint8)
+    return images, masks
+
+
+def tiny_config(**overrides):
+    """A TrainConfig that trains a resnet18 U-Net on 64 px images on the CPU in about a second per epoch."""
+    import lungseg_utils as L
+
+    values = dict(encoder="resnet18", weights=None, image_size=64, epochs=3, batch_size=4, lr=1e-3, device="cpu")
+    values.update(overrides)
+    return L.TrainConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The ``best.pt`` of a resnet18 U-Net trained by train() for one epoch on tiny arrays (64 px).
+
+    Shared by the whole session: read it, or copy it before changing it.
+    """
+    import lungseg_utils as L
+
+    run = tmp_path_factory.mktemp("tiny-checkpoint") / "run"
+    with random_state_kept():
+        L.train(tiny_arrays(8), tiny_arrays(4, seed=1), run, tiny_config(epochs=1))
+    return run / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def random_model():
+    """A randomly initialized resnet18 U-Net for 64 px inputs, in eval mode.
+
+    Shared by the whole session: a test that changes it (its config, its weights) works on a copy.
+    """
+    import lungseg_utils as L
+
+    with random_state_kept():
+        torch.manual_seed(0)
+        model = L.build_model("resnet18", weights=None).eval()
+    model.lungseg_config["image_size"] = 64
+    return model
 
 
 @pytest.fixture(autouse=True)

@@ -10,10 +10,9 @@ from conftest import dicom_bytes
 
 
 @pytest.fixture(scope="module")
-def app():
-    model = L.build_model("resnet18", weights=None).eval()
-    model.lungseg_config["image_size"] = 64
-    return L.SegmentationApp(model)
+def app(random_model):
+    """The widget around the shared random model (the widget's state is this module's; the model is not changed)."""
+    return L.SegmentationApp(random_model)
 
 
 def test_real_xray_upload_gives_mask_area_and_download(app, real_xray):
@@ -54,5 +53,6 @@ def test_app_shows_the_overlay_as_a_png_without_output_widgets(app, real_xray):
     path = real_xray
     result = app.process(path.read_bytes(), path.name)
     picture = cv2.imdecode(np.frombuffer(app.picture.value, np.uint8), cv2.IMREAD_COLOR)
-    assert picture.shape == (512, 512, 3) and result["mask"].shape == (512, 512)
+    height, width = L.decode_image(path).shape
+    assert picture.shape == (height, width, 3) and result["mask"].shape == (height, width)
     assert app.process(b"broken", "broken.png") is None and app.picture.value == b""

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, write_kaggle_layout
+from conftest import REPO, naming, write_kaggle_layout
 
 import lungseg_utils as L
 
@@ -34,7 +34,7 @@ def test_packed_copy_gives_identical_arrays_and_refuses_to_overwrite(tmp_path, m
     copy = packed[packed.labeled].sort_values("name")
     for a, b in zip(L.load_arrays(labeled, 64), L.load_arrays(copy, 64)):
         assert np.array_equal(a, b)
-    with pytest.raises(SystemExit, match="already exists"):
+    with pytest.raises(SystemExit, match=naming(out, "already exists")):
         pack.main()
 
 
@@ -95,12 +95,12 @@ def test_screen_reuses_stored_seeds_and_trains_only_the_missing_ones(tmp_path, m
     assert trained == [], "a stored second seed is kept, not dropped or trained again"
 
 
-def test_screen_scores_a_checkpoint_only_as_the_candidate_it_was_trained_as(tmp_path):
+def test_screen_scores_a_checkpoint_only_as_the_candidate_it_was_trained_as(tmp_path, random_model):
     screen = load_script("recipe_screen")
     assert screen.CANDIDATES["travel_equalized"] == {key: getattr(L.TrainConfig(), key) for key in screen.RECIPE_FIELDS}
     path = tmp_path / "best.pt"
     config = L.TrainConfig(encoder="resnet18", image_size=64, **screen.CANDIDATES["baseline"])
-    L.save_checkpoint(path, L.build_model("resnet18", weights=None), config, epoch=3, val_loss=0.5)
+    L.save_checkpoint(path, random_model, config, epoch=3, val_loss=0.5)
     assert screen.load_candidate_checkpoint("baseline", path).lungseg_config["epoch"] == 3
-    with pytest.raises(SystemExit, match="not candidate 'travel'"):
+    with pytest.raises(SystemExit, match=naming(path, "not candidate 'travel'")):
         screen.load_candidate_checkpoint("travel", path)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import lungseg_utils as L
-from conftest import dicom_bytes, lung_mask, write_header_bomb
+from conftest import dicom_bytes, lung_mask, naming, write_header_bomb
 
 
 @pytest.fixture(scope="module")
@@ -91,26 +91,26 @@ def test_dicom_rescale_slope_and_intercept_are_applied():
 
 
 def test_bad_and_huge_dicom_are_refused():
-    with pytest.raises(L.LungsegDataError, match=r"bad\.dcm: not a readable DICOM"):
+    with pytest.raises(L.LungsegDataError, match=naming("bad.dcm", "DICOM")):
         L.decode_image(b"\0" * 128 + b"DICM" + b"garbage", "bad.dcm")
     huge = dicom_bytes(np.zeros((40, 40)), Rows=20000, Columns=20000)
-    with pytest.raises(L.LungsegDataError, match=r"huge\.dcm: 20000x20000 px \(400\.0 megapixels\) is over the limit of 60 megapixels"):
+    with pytest.raises(L.LungsegDataError, match=naming("huge.dcm", "over the limit")):
         L.decode_image(huge, "huge.dcm")
 
 
 # ---------------------------------------------------------------- bad input
 def test_missing_folder_empty_and_text(tmp_path):
-    with pytest.raises(L.LungsegDataError, match=r"nothere\.png: not found"):
+    with pytest.raises(L.LungsegDataError, match=naming("nothere.png", "not found")):
         L.decode_image(tmp_path / "nothere.png")
-    with pytest.raises(L.LungsegDataError, match="is a folder"):
+    with pytest.raises(L.LungsegDataError, match=naming(tmp_path, "is a folder")):
         L.decode_image(tmp_path)
     (tmp_path / "empty.png").write_bytes(b"")
-    with pytest.raises(L.LungsegDataError, match=r"empty\.png: the file is empty"):
+    with pytest.raises(L.LungsegDataError, match=naming("empty.png", "is empty")):
         L.decode_image(tmp_path / "empty.png")
     (tmp_path / "notes.png").write_text("this is a text file\n")
-    with pytest.raises(L.LungsegDataError, match=r"notes\.png: cannot be read as an image: it is not PNG"):
+    with pytest.raises(L.LungsegDataError, match=naming("notes.png", "cannot be read")):
         L.decode_image(tmp_path / "notes.png")
-    with pytest.raises(L.LungsegDataError, match="the upload is empty"):
+    with pytest.raises(L.LungsegDataError, match=naming("upload.png", "is empty")):
         L.decode_image(b"", "upload.png")
 
 
@@ -119,15 +119,15 @@ def test_truncated_png_is_named(tmp_path):
     Image.fromarray((np.random.default_rng(0).random((256, 256)) * 255).astype(np.uint8)).save(path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(L.LungsegDataError, match=r"cut\.png: the image data is corrupt or truncated"):
+    with pytest.raises(L.LungsegDataError, match=naming("cut.png", "truncated")):
         L.decode_image(path)
 
 
 def test_header_bomb_is_refused_before_decoding(bomb):
     assert bomb.stat().st_size < 200_000
-    with pytest.raises(L.LungsegDataError, match=r"bomb\.png: 400\.0 megapixels is over the limit of 60 megapixels"):
+    with pytest.raises(L.LungsegDataError, match=naming(bomb, "over the limit")):
         L.decode_image(bomb)
-    with pytest.raises(L.LungsegDataError, match="over the limit"):
+    with pytest.raises(L.LungsegDataError, match=naming(bomb, "over the limit")):
         L.image_size_of(bomb)
 
 
@@ -135,14 +135,14 @@ def test_limit_is_configurable(tmp_path, monkeypatch):
     path = tmp_path / "x.png"
     Image.fromarray(ramp(400, 500)).save(path)
     monkeypatch.setenv("LUNGSEG_MAX_MEGAPIXELS", "0.1")
-    with pytest.raises(L.LungsegDataError, match=r"500x400 px \(0\.2 megapixels\) is over the limit of 0\.1 megapixels"):
+    with pytest.raises(L.LungsegDataError, match=naming(path, "LUNGSEG_MAX_MEGAPIXELS")):
         L.decode_image(path)
     assert L.decode_image(path, max_pixels=300_000).shape == (400, 500)
 
 
 def test_tiny_image_is_refused(tmp_path):
     Image.fromarray(np.zeros((16, 40), np.uint8)).save(tmp_path / "tiny.png")
-    with pytest.raises(L.LungsegDataError, match=r"tiny\.png: 40x16 px is too small: each side needs at least 32 px"):
+    with pytest.raises(L.LungsegDataError, match=naming("tiny.png", "too small")):
         L.decode_image(tmp_path / "tiny.png")
 
 
@@ -155,3 +155,10 @@ def test_bad_files_print_nothing(tmp_path, capfd):
             L.decode_image(tmp_path / name)
     captured = capfd.readouterr()
     assert captured.out == "" and captured.err == ""
+
+
+def test_the_image_limit_never_exceeds_pillows_own(monkeypatch):
+    monkeypatch.setenv("LUNGSEG_MAX_MEGAPIXELS", "500")
+    assert L.max_image_pixels() == Image.MAX_IMAGE_PIXELS
+    monkeypatch.setenv("LUNGSEG_MAX_MEGAPIXELS", "0.5")
+    assert L.max_image_pixels() == 500_000

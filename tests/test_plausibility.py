@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lungseg_utils as L
-from conftest import REPO, StandInModel, lung_mask
+from conftest import REPO, StandInModel, lung_mask, tiny_config
 
 
 def two_lungs(size: int = 256) -> np.ndarray:
@@ -56,15 +56,14 @@ def test_each_kind_of_implausible_mask(real_pairs):
     assert len([r for r in empty if "no lung found" in r]) == 2
 
 
-def test_training_range_is_stored_and_used(tmp_path):
+def test_training_range_is_stored_and_used(tmp_path, random_model):
     masks = np.stack([two_lungs(64)] * 2)
     images = (masks * 100 + 50).astype(np.uint8)
-    config = L.TrainConfig(encoder="resnet18", image_size=64, epochs=1, batch_size=2, device="cpu")
-    model = L.train((images, masks), (images, masks), tmp_path / "run", config).model
+    model = L.train((images, masks), (images, masks), tmp_path / "run", tiny_config(epochs=1, batch_size=2)).model
     fraction = masks[0].mean()
     low, high = model.lungseg_config["lung_fraction_range"]
     assert low <= fraction <= high and high - low <= 0.02
-    assert L.model_lung_fraction_range(L.build_model("resnet18", weights=None)) == L.DEFAULT_LUNG_FRACTION_RANGE
+    assert L.model_lung_fraction_range(random_model) == L.DEFAULT_LUNG_FRACTION_RANGE, "a model without a stored range"
 
 
 def test_predict_warns_with_the_file_name(tmp_path):
@@ -81,13 +80,11 @@ def test_predict_warns_with_the_file_name(tmp_path):
         L.predict(all_lung, path, warn=False)
 
 
-def test_cli_prints_warnings_and_still_succeeds(tmp_path, real_xray):
-    checkpoint = tmp_path / "best.pt"
-    L.save_checkpoint(checkpoint, L.build_model("resnet18", weights=None), L.TrainConfig(encoder="resnet18", image_size=64))
+def test_cli_prints_warnings_and_still_succeeds(tmp_path, real_xray, tiny_checkpoint):
     good = real_xray
     inverted = tmp_path / "inverted.png"
     cv2.imwrite(str(inverted), 255 - cv2.imread(str(good), cv2.IMREAD_GRAYSCALE))
-    result = subprocess.run([sys.executable, str(REPO / "lungseg_utils.py"), "predict", str(inverted), "--checkpoint", str(checkpoint),
+    result = subprocess.run([sys.executable, str(REPO / "lungseg_utils.py"), "predict", str(inverted), "--checkpoint", str(tiny_checkpoint),
                              "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert any(line.startswith(f"WARNING {inverted}: ") and "looks inverted" in line for line in result.stderr.splitlines())

@@ -1,10 +1,14 @@
-"""Environment variables: read in one place (settings()), one rule for "true", clear errors for values that cannot work."""
+"""Environment variables: read in one place (settings()), one rule for "true", clear errors for values that cannot work;
+and what the machine decides: the device, the precision (GPU capability, the CPU's bf16), seeding, the printed configuration."""
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import numpy as np
 import pytest
+import segmentation_models_pytorch as smp
+import torch
 
 import lungseg_io
 import lungseg_utils as L
@@ -32,10 +36,10 @@ def test_paths_come_from_the_environment_else_the_defaults(monkeypatch, tmp_path
 
 
 @pytest.mark.parametrize("value", ["lots", "-5", "0", "nan", "inf"])
-def test_a_size_that_cannot_be_one_is_refused_naming_the_variable(monkeypatch, tmp_path, value):
+def test_a_size_that_cannot_be_one_is_refused_naming_the_variable(monkeypatch, random_model, value):
     monkeypatch.setenv("LUNGSEG_MAX_MEGAPIXELS", value)
     with pytest.raises(L.LungsegConfigError, match="LUNGSEG_MAX_MEGAPIXELS"):
-        L.predict_proba(L.build_model("resnet18", weights=None), np.zeros((64, 64), np.uint8))
+        L.predict_proba(random_model, np.zeros((64, 64), np.uint8))
 
 
 def test_download_honours_the_data_folder_setting(monkeypatch, tmp_path, capsys):
@@ -46,3 +50,47 @@ def test_download_honours_the_data_folder_setting(monkeypatch, tmp_path, capsys)
     assert fetched == [tmp_path / "mine"]
     assert lungseg_io.main(["download", "--montgomery", "--target", str(tmp_path / "other")]) == 0
     assert fetched[-1] == tmp_path / "other"
+
+
+# ---------------------------------------------------------------- device, precision, seeding and the printed configuration
+@pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((7, 0), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_gpu_precision_follows_compute_capability(monkeypatch, capability, expected):
+    """A T4 (7.5) or V100 (7.0) gets fp16, whatever is_bf16_supported() claims; Ampere (8.0) and newer get bf16."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert L.autocast_dtype(torch.device("cuda")) == expected
+
+
+def test_seeding_asks_cudnn_for_repeatable_algorithms(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    L.seed_everything(1)
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+
+
+@pytest.mark.parametrize("flags, native", [("fpu avx avx2", False), ("avx2 avx512f avx512_bf16", True), ("avx2 amx_bf16 amx_tile", True)])
+def test_cpu_bf16_only_where_native(tmp_path, monkeypatch, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert L.cpu_has_native_bf16(cpuinfo) is native
+    monkeypatch.setattr(L, "cpu_has_native_bf16", lambda: native)
+    assert L.autocast_dtype(torch.device("cpu")) == (torch.bfloat16 if native else None)
+    assert L.autocast_dtype(torch.device("mps")) is None
+
+
+def test_missing_cpuinfo_means_fp32(tmp_path):
+    assert L.cpu_has_native_bf16(tmp_path / "no-such-file") is False
+
+
+def test_print_config_names_versions_and_device(capsys):
+    L.print_config(torch.device("cpu"))
+    out = capsys.readouterr().out
+    for part in (f"torch {torch.__version__}", f"segmentation_models_pytorch {smp.__version__}", "albumentations ", "numpy ", "python ", "device: cpu"):
+        assert part in out, part
+
+
+def test_cpu_model_name_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9999 16-Core Processor\nflags\t\t: avx2\n")
+    assert L.cpu_model_name(cpuinfo) == "AMD EPYC 9999 16-Core Processor"
+    assert L.cpu_model_name(tmp_path / "missing") == (platform.processor() or platform.machine())  # what platform knows

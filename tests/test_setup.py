@@ -61,7 +61,9 @@ def test_lower_bounds_admit_no_version_without_the_apis_we_use():
     assert "2.4.4" not in requirement("pydicom").specifier and "3.0.0" in requirement("pydicom").specifier
     smp_range = requirement("segmentation-models-pytorch").specifier
     assert "0.4.0" not in smp_range and "0.5.0" in smp_range
-    import pydicom.pixels  # noqa: F401  (the API the decoder uses)
+    import pydicom.pixels
+
+    assert hasattr(pydicom.pixels, "apply_voi_lut") and hasattr(pydicom.pixels, "apply_modality_lut"), "the API the decoder uses"
     import segmentation_models_pytorch as smp
 
     assert "repo_id" in smp.encoders.encoders["resnet34"]["pretrained_settings"]["imagenet"]
@@ -145,18 +147,39 @@ def test_every_pin_satisfies_the_requirements_and_covers_the_notebook_packages()
     assert set(S.NOTEBOOK_PACKAGES) <= set(requirements)
 
 
-def test_installer_runs_on_python_3_12_when_available():
-    """Colab runs Python 3.12: the installer must at least plan there (a dry run installs nothing)."""
+def python_3_12() -> str | None:
+    """A working Python 3.12 (Colab's version) on this machine, or None."""
     import shutil
     import subprocess
 
     candidates = [shutil.which("python3.12"), "/root/.pyenv/versions/3.12.1/bin/python3.12"]
-    python312 = next((c for c in candidates if c and Path(c).exists() and subprocess.run([c, "-V"], capture_output=True).returncode == 0), None)
-    if python312 is None:
-        pytest.skip("no Python 3.12 on this machine")
-    result = subprocess.run([python312, str(REPO / "setup_environment.py"), "--dry-run"], capture_output=True, text=True, timeout=120)
+    return next((c for c in candidates if c and Path(c).exists() and subprocess.run([c, "-V"], capture_output=True).returncode == 0), None)
+
+
+PYTHON_3_12 = python_3_12()
+
+
+@pytest.mark.parametrize("python, expected", [
+    pytest.param([sys.executable], "installed now: nothing (all present)", id="this-python"),
+    pytest.param([sys.executable, "-S"], "would run:", id="bare-python-without-site-packages"),
+    pytest.param([PYTHON_3_12], ("would run:", "installed now:"), id="python-3.12",
+                 marks=pytest.mark.skipif(PYTHON_3_12 is None, reason="no Python 3.12 (Colab's version) on this machine")),
+])
+def test_installer_dry_run_plans_without_installing(python, expected):
+    """The setup cell's installer plans on this Python (everything present), on a bare one (everything missing:
+    it names the pip command and runs nothing) and on Colab's Python 3.12 where there is one; a dry run stays offline."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PIP_NO_INDEX": "1"}  # should pip ever be run, it cannot reach the network
+    result = subprocess.run([*python, str(REPO / "setup_environment.py"), "--dry-run"], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(("would run:", "installed now:"))
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stdout
+    if expected == "would run:":
+        requirements = S.read_pins(REPO / "requirements.txt")
+        assert f"-c {REPO / 'constraints.txt'}" in lines[0]
+        assert all(requirements[name] in lines[0] for name in S.NOTEBOOK_PACKAGES), "a bare Python lacks every package"
 
 
 def test_repository_address_is_the_same_everywhere():
@@ -179,7 +202,9 @@ def test_stored_notebooks_read_cleanly():
     """No progress bar frozen at 0% (a tqdm widget's text fallback) and no bulky widget state."""
     import json
 
-    for notebook in sorted((REPO / "notebooks").glob("[0-9]*.ipynb")):
+    notebooks = sorted((REPO / "notebooks").glob("[0-9]*.ipynb"))
+    assert notebooks, "no chapters found: the check below would pass on nothing"
+    for notebook in notebooks:
         nb = json.loads(notebook.read_text())
         outputs = json.dumps([cell.get("outputs", []) for cell in nb["cells"]])
         assert not re.search(r"\b0%\|", outputs), f"{notebook.name}: a progress bar stuck at 0% is stored"
@@ -191,7 +216,9 @@ def test_stored_notebooks_are_complete_executed_runs():
     """Every code cell has run (an execution count), and no draft marker is left in any cell."""
     import json
 
-    for notebook in sorted((REPO / "notebooks").glob("[0-9]*.ipynb")):
+    notebooks = sorted((REPO / "notebooks").glob("[0-9]*.ipynb"))
+    assert notebooks, "no chapters found: the check below would pass on nothing"
+    for notebook in notebooks:
         cells = json.loads(notebook.read_text())["cells"]
         text = "\n".join("".join(cell["source"]) for cell in cells)
         for marker in ("PLACEHOLDER", "REVIEW AFTER FULL RUN"):

@@ -1,10 +1,12 @@
 """The acquisition-shift benchmark: every shift at every severity, repeatable, with the mask handled right."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
 import lungseg_utils as L
+from conftest import StandInModel, naming
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,13 @@ def test_opacities_whiten_the_stated_share_of_one_lung_only(pair, kind, severity
     changed = np.abs(shifted.astype(int) - image) > 8
     lungs = L.lung_areas(mask)
     one_lung = min(lungs["right_lung_area"], lungs["left_lung_area"]), max(lungs["right_lung_area"], lungs["left_lung_area"])
-    assert (changed & (mask == 0)).sum() < 0.05 * changed.sum(), "painted outside the lungs (beyond soft edges)"
+    regions = cv2.connectedComponents(mask.astype(np.uint8))[1]
+    painted = set(np.unique(regions[changed & (mask > 0)])) - {0}
+    assert len(painted) == 1, f"painted in {len(painted)} lungs"
+    # The edge is softened by a Gaussian of sigma 2 px: no visible change lies more than 4 px outside the painted lung,
+    # however long its border (a basal effusion's runs along the diaphragm) and whatever the image's size.
+    soft_edge = cv2.dilate((regions == painted.pop()).astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9)))
+    assert not (changed & (soft_edge == 0)).any(), "painted outside the lung, beyond its soft edge"
     assert one_lung[0] * share * 0.7 <= changed.sum() <= one_lung[1] * share * 1.3
     assert (shifted.astype(int) >= image).all(), "an opacity only whitens"
 
@@ -59,14 +67,11 @@ def test_effusion_is_basal(pair):
 
 
 def test_unknown_shift_is_refused(pair):
-    with pytest.raises(L.LungsegConfigError, match="Unknown shift 'fog'"):
+    with pytest.raises(L.LungsegConfigError, match=naming("'fog'")):
         L.apply_shift(*pair, "fog")
 
 
 def test_shift_benchmark_pairs_every_shifted_image_with_its_clean_score():
-    import cv2
-    from conftest import StandInModel
-
     images, masks = [], []
     for offset in (0, 4):
         mask = np.zeros((64, 64), np.uint8)
