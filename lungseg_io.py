@@ -13,7 +13,6 @@ keeps those helpers safe and their errors clear:
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import hashlib
 import io
@@ -24,6 +23,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 import warnings
@@ -544,20 +544,27 @@ def checked_config(path: Path, payload: dict) -> dict:
 def hub_reachable(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
     """Fast check that ``host`` answers on port 443 (avoids long retry loops when offline).
 
-    The name look-up runs in a helper thread with the same timeout: a resolver
-    that never answers would otherwise block here far longer than ``timeout``.
+    The name look-up runs in a daemon thread with the same timeout: a resolver
+    that never answers blocks neither this call nor the end of the process.
     """
     if L.settings().hub_offline:
         return False
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    addresses: list = []
+
+    def look_up() -> None:
+        with contextlib.suppress(OSError):
+            addresses.extend(socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM))
+
+    lookup = threading.Thread(target=look_up, daemon=True)
+    lookup.start()
+    lookup.join(timeout)
+    if not addresses:
+        return False
     try:
-        addresses = pool.submit(socket.getaddrinfo, host, 443, type=socket.SOCK_STREAM).result(timeout=timeout)
         with socket.create_connection(addresses[0][4][:2], timeout=timeout):
             return True
-    except (OSError, concurrent.futures.TimeoutError, IndexError):
+    except OSError:
         return False
-    finally:
-        pool.shutdown(wait=False)
 
 
 def cached_imagenet_state(encoder: str) -> dict[str, torch.Tensor] | None:
