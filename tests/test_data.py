@@ -59,6 +59,9 @@ def test_pairs_table_on_the_kaggle_set(kaggle_data_dir):
     assert counts == {"Montgomery": 138, "Shenzhen": 566}
     unlabeled = table[~table.labeled]
     assert len(unlabeled) == 96 and set(unlabeled.source) == {"Shenzhen"}
+    inventory = table.groupby(["source", "tb_label", "labeled"]).size().to_dict()  # chapter 01's table
+    assert inventory == {("Montgomery", 0, True): 80, ("Montgomery", 1, True): 58, ("Shenzhen", 0, False): 47,
+                         ("Shenzhen", 0, True): 279, ("Shenzhen", 1, False): 49, ("Shenzhen", 1, True): 287}
     row = table.set_index("name").loc["CHNCXR_0001_0"]
     assert row.mask_paths[0].endswith("CHNCXR_0001_0_mask.png") and row.tb_label == 0
     row = table.set_index("name").loc["MCUCXR_0001_0"]
@@ -172,6 +175,22 @@ def test_writeup_split_is_the_writeups(kaggle_data_dir):
     """The write-up's split of the Kaggle set: 563 training and 141 validation X-rays."""
     train, val = L.writeup_split(L.build_pairs_table(kaggle_data_dir))
     assert (len(train), len(val)) == (563, 141)
+
+
+def test_the_kaggle_set_splits_as_the_chapters_print(kaggle_data_dir):
+    """Chapters 01, 03 and 04 print these parts of the Kaggle set: each split's size per hospital and TB label."""
+    table = L.build_pairs_table(kaggle_data_dir, read_sizes=False)
+    writeup_train, writeup_val = L.writeup_split(table)
+    parts = {"write-up train": writeup_train, "write-up val": writeup_val, **L.three_way_split(table)}
+    composition = {name: part.groupby(["source", "tb_label"]).size().to_dict() for name, part in parts.items()}
+    assert composition == {
+        "write-up train": {("Montgomery", 1): 47, ("Montgomery", 0): 71, ("Shenzhen", 1): 232, ("Shenzhen", 0): 213},
+        "write-up val": {("Montgomery", 1): 11, ("Montgomery", 0): 9, ("Shenzhen", 1): 55, ("Shenzhen", 0): 66},
+        "train": {("Montgomery", 1): 40, ("Montgomery", 0): 56, ("Shenzhen", 1): 201, ("Shenzhen", 0): 195},
+        "val": {("Montgomery", 1): 6, ("Montgomery", 0): 8, ("Shenzhen", 1): 29, ("Shenzhen", 0): 28},
+        "test": {("Montgomery", 1): 12, ("Montgomery", 0): 16, ("Shenzhen", 1): 57, ("Shenzhen", 0): 56},
+    }
+    assert len(set(writeup_val.name) & set(parts["test"].name)) == 24
 
 
 def test_three_way_split_is_stratified_disjoint_and_deterministic(real_data_dir):
