@@ -148,6 +148,7 @@ class Settings:
     checkpoint: Path | None  # LUNGSEG_CHECKPOINT: the model chapters 04-06 use
     max_megapixels: float  # LUNGSEG_MAX_MEGAPIXELS: the largest image accepted
     hub_offline: bool  # HF_HUB_OFFLINE: never try the Hugging Face hub
+    kaggle_credentials: bool  # KAGGLE_USERNAME and KAGGLE_KEY, KAGGLE_API_TOKEN, a ~/.kaggle token, or Colab's secrets
 
 
 def _flag(name: str) -> bool:
@@ -162,6 +163,14 @@ def _user_cache_dir() -> Path:
     if os.name == "nt" and os.environ.get("LOCALAPPDATA"):
         return Path(os.environ["LOCALAPPDATA"]) / "lungseg"
     return Path.home() / ".cache" / "lungseg"
+
+
+def _kaggle_credentials() -> bool:
+    """True where kagglehub can log in to Kaggle (Colab counts: its secrets may hold the token)."""
+    if (os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY")) or os.environ.get("KAGGLE_API_TOKEN"):
+        return True
+    folder = Path(os.environ.get("KAGGLE_CONFIG_DIR") or Path.home() / ".kaggle").expanduser()
+    return (folder / "kaggle.json").is_file() or (folder / "access_token").is_file() or "google.colab" in sys.modules
 
 
 def settings() -> Settings:
@@ -185,6 +194,7 @@ def settings() -> Settings:
         checkpoint=path("LUNGSEG_CHECKPOINT"),
         max_megapixels=max_megapixels,
         hub_offline=_flag("HF_HUB_OFFLINE"),
+        kaggle_credentials=_kaggle_credentials(),
     )
 
 
@@ -433,24 +443,28 @@ def find_data_dir(path: str | os.PathLike | None = None) -> Path:
 
 
 def ensure_data(path: str | os.PathLike | None = None, **montgomery_options) -> Path:
-    """Find the data (see :func:`find_data_dir`); if it is missing, download it.
+    """Find the data (see :func:`find_data_dir`); if it is missing, download it and say what was fetched.
 
     ``path`` defaults to ``$LUNGSEG_DATA_DIR``, else ``data/`` in the repository.
-    First the Kaggle set (it needs Kaggle credentials, see :data:`DATA_HELP`);
-    if that fails, the NLM Montgomery set alone (138 X-rays of one hospital, no
-    credentials; ``montgomery_options`` go to :func:`download_montgomery`). Each
-    step is printed; :func:`describe_data` says which data a chapter ran on.
+    With Kaggle credentials (see :data:`DATA_HELP`) the Kaggle set, else (or if
+    that fails) the NLM Montgomery set alone: 138 X-rays of one hospital, no
+    credentials needed (``montgomery_options`` go to :func:`download_montgomery`).
+    :func:`describe_data` says which data a chapter ran on.
     """
     target = Path(path).expanduser() if path is not None else settings().data_dir
-    try:
+    with contextlib.suppress(LungsegDataError):
         return find_data_dir(target)
-    except LungsegDataError:
+    if settings().kaggle_credentials:
         print(f"No data in {target}: downloading the Kaggle set ...")
-    try:
-        return lungseg_io.download_kaggle(target)
-    except LungsegDataError as kaggle_failure:
-        reason = str(kaggle_failure).splitlines()[0]
+        try:
+            return lungseg_io.download_kaggle(target)
+        except LungsegDataError as kaggle_failure:
+            reason = str(kaggle_failure).splitlines()[0]
         print(f"{reason}\nDownloading the NLM Montgomery set instead (138 X-rays, one hospital, no credentials) ...")
+    else:
+        reason = "no Kaggle credentials found"
+        print(f"No data in {target} and no Kaggle credentials: downloading the NLM Montgomery set "
+              "(138 X-rays, one hospital, no credentials needed) ...")
     try:
         set_dir = lungseg_io.download_montgomery(target, **montgomery_options)
     except LungsegError as failure:
@@ -1418,11 +1432,17 @@ def _open_run(run_dir: Path, config: TrainConfig, resume: bool) -> dict | None:
             f"Cannot resume {last_path}: it lacks {', '.join(missing)}, so it is not a last.pt written by train(). "
             "Start a new run in a new folder."
         )
-    stored, current = state.get("config", {}), lungseg_io.plain(asdict(config))
+    stored, current = state["config"], lungseg_io.plain(asdict(config))
+    unknown = [key for key in current if key not in stored]
+    if unknown:
+        raise LungsegCheckpointError(
+            f"Cannot resume {last_path}: another version of lungseg wrote it (its config lacks {', '.join(unknown)}). "
+            "Start a new run in a new folder."
+        )
     differences = [
-        f"{key} (stored {stored.get(key, 'nothing')!r}, now {value!r})"
+        f"{key} (stored {stored[key]!r}, now {value!r})"
         for key, value in current.items()
-        if key not in RESUME_MAY_DIFFER and stored.get(key, "nothing") != value
+        if key not in RESUME_MAY_DIFFER and stored[key] != value
     ]
     if differences:
         raise LungsegConfigError(
@@ -1570,8 +1590,7 @@ QUICK_MODEL_BANNER = """
 +------------------------------------------------------------------------------------------+
 | NO TRAINED MODEL FOUND: training a QUICK model instead ({details}).
 | Its scores are NOT the stored ones and its masks are rough; it only lets the code run.
-| To get the real model: run chapter 03 (minutes on a GPU; on a 2-core CPU half an hour with
-| native bf16, about two hours without), or
+| To get the real model: run chapter 03 (its first cell says how long its stored run took), or
 | set LUNGSEG_CHECKPOINT to its best.pt, or on Colab keep it in Google Drive at
 | MyDrive/lungseg/dicebce-256px/best.pt (mount Drive first).
 +------------------------------------------------------------------------------------------+
@@ -1617,7 +1636,7 @@ def load_chapter_model(
     if device.type == "cuda":
         config = TrainConfig()
         print(f"No trained checkpoint found: training chapter 03's recipe on this GPU now ({config.epochs} epochs "
-              f"at {config.image_size}px, a few minutes) into runs/{CHAPTER_RUN_DIR.name}/.")
+              f"at {config.image_size}px) into runs/{CHAPTER_RUN_DIR.name}/.")
         result = train(load_arrays(split["train"], config.image_size), load_arrays(split["val"], config.image_size),
                        CHAPTER_RUN_DIR, config, resume=(CHAPTER_RUN_DIR / "last.pt").is_file())
         best = CHAPTER_RUN_DIR / "best.pt"

@@ -113,18 +113,27 @@ def test_zip_symlink_member_is_refused(tmp_path):
         L.safe_extract(archive, tmp_path / "out")
 
 
-def test_ensure_data_falls_back_to_montgomery_without_kaggle_credentials(server, tmp_path, monkeypatch, capsys):
+def without_kaggle_credentials(monkeypatch, tmp_path) -> None:
+    """No Kaggle token anywhere: not in the environment, not in the Kaggle config folder."""
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "no-kaggle-config"))
+
+
+def test_ensure_data_falls_back_to_montgomery_when_kaggle_fails(server, tmp_path, monkeypatch, capsys):
     url, www = server
     montgomery_zip(www / "MontgomerySet.zip")
 
-    def no_credentials(target=None):
-        raise L.LungsegDataError("Download from Kaggle failed (no credentials).")
+    def refused(target=None):
+        raise L.LungsegDataError("Download from Kaggle failed (403 Forbidden).")
 
-    monkeypatch.setattr(lungseg_io, "download_kaggle", no_credentials)
+    monkeypatch.setenv("KAGGLE_USERNAME", "learner")
+    monkeypatch.setenv("KAGGLE_KEY", "a-key-kaggle-refuses")
+    monkeypatch.setattr(lungseg_io, "download_kaggle", refused)
     data_dir = L.ensure_data(tmp_path / "data", urls=[f"{url}/MontgomerySet.zip"], expected_images=2)
     assert data_dir == tmp_path / "data" / "MontgomerySet"
     said = capsys.readouterr().out
-    assert "no credentials" in said and "Downloading the NLM Montgomery set instead" in said
+    assert "403 Forbidden" in said and "Downloading the NLM Montgomery set instead" in said
     description = L.describe_data(L.build_pairs_table(tmp_path / "data"))
     assert description == "data: the NLM Montgomery set only (one hospital): 2 X-rays, 2 with lung masks (2 Montgomery), 0 unlabeled"
 
@@ -133,6 +142,7 @@ def test_ensure_data_gives_clear_error_when_every_download_fails(tmp_path, monke
     def no_internet(target=None):
         raise L.LungsegDataError("Download from Kaggle failed (network unreachable).")
 
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "a-token")
     monkeypatch.setattr(lungseg_io, "download_kaggle", no_internet)
     with pytest.raises(L.LungsegDataError, match=naming("LUNGSEG_DATA_DIR", "network unreachable")):
         L.ensure_data(tmp_path / "empty", urls=["http://127.0.0.1:9/MontgomerySet.zip"], timeout=2)
@@ -254,17 +264,14 @@ def test_a_fresh_machine_fetches_the_montgomery_set_for_the_tests_and_says_so(se
     """No LUNGSEG_DATA_DIR, no shared copy, an empty data/ and no Kaggle credentials: make test fetches and goes on."""
     url, www = server
     montgomery_zip(www / "MontgomerySet.zip")
-
-    def no_credentials(target=None):
-        raise L.LungsegDataError("Download from Kaggle failed (no credentials).")
-
     monkeypatch.delenv("LUNGSEG_DATA_DIR", raising=False)
     monkeypatch.setattr(L, "REPO_DIR", tmp_path / "fresh-clone")
-    monkeypatch.setattr(lungseg_io, "download_kaggle", no_credentials)
+    without_kaggle_credentials(monkeypatch, tmp_path)
+    monkeypatch.setattr(lungseg_io, "download_kaggle", lambda target=None: pytest.fail("Kaggle needs credentials"))
     options = dict(shared_copy=tmp_path / "no-shared-copy", urls=[f"{url}/MontgomerySet.zip"], expected_images=2)
     data_dir = find_test_data(**options)
     assert data_dir == tmp_path / "fresh-clone" / "data" / "MontgomerySet"
     said = capsys.readouterr().out
-    assert "no credentials" in said and f"Fetched the NLM Montgomery set into {data_dir}" in said
+    assert "no Kaggle credentials" in said and f"Fetched the NLM Montgomery set into {data_dir}" in said
     assert set(L.build_pairs_table(data_dir).source) == {"Montgomery"}
     assert find_test_data(**options) == data_dir and CountingHandler.requests == ["/MontgomerySet.zip"], "fetched once"

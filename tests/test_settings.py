@@ -94,3 +94,17 @@ def test_cpu_model_name_from_cpuinfo(tmp_path):
     cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9999 16-Core Processor\nflags\t\t: avx2\n")
     assert L.cpu_model_name(cpuinfo) == "AMD EPYC 9999 16-Core Processor"
     assert L.cpu_model_name(tmp_path / "missing") == (platform.processor() or platform.machine())  # what platform knows
+
+
+def test_kaggle_credentials_are_found_where_kagglehub_looks(monkeypatch, tmp_path):
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path))
+    assert L.settings().kaggle_credentials is False
+    monkeypatch.setenv("KAGGLE_USERNAME", "learner")
+    assert L.settings().kaggle_credentials is False, "a user name alone is no credential"
+    monkeypatch.setenv("KAGGLE_KEY", "key")
+    assert L.settings().kaggle_credentials is True
+    monkeypatch.delenv("KAGGLE_USERNAME")
+    (tmp_path / "kaggle.json").write_text('{"username": "learner", "key": "key"}')
+    assert L.settings().kaggle_credentials is True

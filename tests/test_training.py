@@ -185,3 +185,31 @@ def test_resume_refuses_a_file_that_is_not_a_last_pt(tmp_path):
     (tmp_path / "run" / "last.pt").write_bytes((tmp_path / "run" / "best.pt").read_bytes())  # best.pt copied over last.pt
     with pytest.raises(L.LungsegCheckpointError, match="last.pt.*optimizer_state"):
         L.train(data, val, tmp_path / "run", tiny_config(epochs=2), resume=True)
+
+
+def test_resume_refuses_a_last_pt_of_another_version_naming_what_it_lacks(tmp_path):
+    data, val = tiny_arrays(8), tiny_arrays(4, seed=1)
+    L.train(data, val, tmp_path / "run", tiny_config(epochs=1))
+    last = tmp_path / "run" / "last.pt"
+    payload = torch.load(last, weights_only=True)
+    del payload["config"]["equalize"]  # as a version without that field wrote it
+    torch.save(payload, last)
+    with pytest.raises(L.LungsegCheckpointError, match=naming(last, "equalize")):
+        L.train(data, val, tmp_path / "run", tiny_config(epochs=2), resume=True)
+
+
+def test_run_epoch_trains_without_scoring_and_evaluates_with_dice():
+    images, masks = tiny_arrays(8)
+    model = L.build_model("resnet18", weights=None)
+    loader = torch.utils.data.DataLoader(L.LungDataset(images, masks), batch_size=4)
+    steps = dict(loss_fn=L.DiceBCELoss(), device=torch.device("cpu"))
+    before = [p.detach().clone() for p in model.parameters()]
+    trained = L.run_epoch(model, loader, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3), **steps)
+    assert set(trained) == {"loss"} and trained["loss"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "a training epoch moves the weights"
+    after = [p.detach().clone() for p in model.parameters()]
+    evaluated = L.run_epoch(model, loader, **steps)
+    assert set(evaluated) == {"loss", "dice"} and 0 <= evaluated["dice"] <= 1
+    assert all(torch.equal(a, b) for a, b in zip(after, model.parameters())), "evaluation leaves the weights alone"
+    with pytest.raises(TypeError):
+        L.run_epoch(model, loader, L.DiceBCELoss(), torch.device("cpu"))  # keyword arguments only
