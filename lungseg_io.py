@@ -4,7 +4,8 @@ The chapters never import this module: :mod:`lungseg_utils` re-exports the
 names in ``__all__`` and calls the others. It holds the edge plumbing that
 keeps those helpers safe and their errors clear:
 
-1. Download and safe extraction: ``download_file``, ``safe_extract``, ``download_montgomery``, ``download_kaggle``.
+1. Writing files safely: ``write_atomically``; download and safe extraction: ``download_file``,
+   ``safe_extract``, ``download_montgomery``, ``download_kaggle``.
 2. Decoder guards and DICOM: ``check_image_size``, ``open_raster``, ``raster_pixels``, ``decode_dicom``.
 3. Checkpoint files: ``read_checkpoint``, ``checked_config``, ``plain``.
 4. ImageNet weights: ``hub_reachable``, ``cached_imagenet_state``, ``load_weights_file``.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -31,7 +33,7 @@ import zipfile
 import zlib
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -40,7 +42,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
-    "MONTGOMERY_URLS", "MONTGOMERY_IMAGES", "MAX_ARCHIVE_BYTES",
+    "write_atomically", "display_name", "MONTGOMERY_URLS", "MONTGOMERY_IMAGES", "MAX_ARCHIVE_BYTES",
     "safe_extract", "download_file", "sha256_of", "download_montgomery", "download_kaggle",
     "check_image_size", "max_image_pixels", "read_checkpoint", "imagenet_weights_available", "main",
 ]
@@ -64,6 +66,52 @@ MONTGOMERY_ARCHIVE_SHA256: str | None = None
 MONTGOMERY_IMAGES = 138
 
 MAX_ARCHIVE_BYTES = 4 * 2**30  # refuse archives that would unpack to more than 4 GiB (zip bombs)
+
+
+# --------------------------------------------------------------------------
+# Writing files safely
+# --------------------------------------------------------------------------
+
+
+def describe_os_error(error: OSError) -> str:
+    """What an ``OSError`` means for the user, and what to do."""
+    if error.errno == errno.ENOSPC:
+        return "the disk is full; free some space and run again"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "permission denied; choose a folder you can write to"
+    return error.strerror or str(error)
+
+
+def display_name(path: str | os.PathLike) -> str:
+    """A path as text that any terminal can print (bytes that are not UTF-8 shown as escapes)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Write ``path`` with ``write(file)`` through a temporary file beside it, renamed into place when complete.
+
+    A failure (a full disk, no permission) removes the temporary file, leaves a
+    previous ``path`` as it was, and raises :class:`LungsegError` naming the file
+    and the cause. Returns ``path``.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        if os.path.getsize(temporary) == 0:
+            raise L.LungsegError(f"Could not write {display_name(path)}: nothing was written.")
+        os.replace(temporary, path)
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        # a writer may wrap the OSError (torch.save raises a RuntimeError while handling it)
+        cause = error if isinstance(error, OSError) else error.__context__
+        if isinstance(cause, OSError):
+            raise L.LungsegError(f"Could not write {display_name(path)}: {describe_os_error(cause)}.") from None
+        raise
+    return path
 
 
 # --------------------------------------------------------------------------
@@ -679,36 +727,44 @@ def _cli_predict(args: argparse.Namespace) -> int:
     looks implausible (:func:`L.mask_warnings`) with a warning; a one-line summary
     ends the run. Returns the exit status: 0 when every file was done (warnings
     included), else 1.
-    An existing mask is never overwritten without ``--force``.
+    An existing mask is never overwritten without ``--force``, and never a mask
+    written earlier in the same run. Masks are written atomically (:func:`write_atomically`).
     """
     model = L.load_checkpoint(args.checkpoint)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    done, failed, flagged = 0, 0, 0
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise L.LungsegError(f"Cannot create the output folder {display_name(out)}: {describe_os_error(error)}.") from None
+    done, failed, flagged, written = 0, 0, 0, {}
     for image_path in args.images:
+        shown = display_name(image_path)
         target = out / f"{Path(image_path).stem}_mask.png"
         try:
+            if target in written:
+                raise L.LungsegError(f"{display_name(written[target])} already wrote {display_name(target)} in this run; "
+                                     "give the files distinct names, or predict them into separate --out folders.")
             if target.exists() and not args.force:
-                raise L.LungsegError(f"{target} exists; pass --force to overwrite it.")
-            gray = L.decode_image(image_path)
+                raise L.LungsegError(f"{display_name(target)} exists; pass --force to overwrite it.")
+            gray = L.decode_image(image_path, shown)
             mask = L.predict(model, gray, threshold=args.threshold, postprocess=not args.raw, warn=False)
-            if not cv2.imwrite(str(target), mask * 255):
-                raise L.LungsegError(f"could not write {target}; check that the folder is writable.")
+            write_atomically(target, lambda file: file.write(L.mask_png_bytes(mask)))
+            written[target] = image_path
             reasons = L.mask_warnings(mask, gray, L.model_lung_fraction_range(model))
         except L.LungsegError as error:
             failed += 1
-            reason = str(error).removeprefix(f"{image_path}: ")  # most messages start with the file name
-            print(f"FAILED {image_path}: {reason}", file=sys.stderr)
+            reason = str(error).removeprefix(f"{shown}: ")  # most messages start with the file name
+            print(f"FAILED {shown}: {reason}", file=sys.stderr)
             continue
         except Exception as error:  # a batch goes on; the reason is still named
             failed += 1
-            print(f"FAILED {image_path}: unexpected {type(error).__name__}: {error}", file=sys.stderr)
+            print(f"FAILED {shown}: unexpected {type(error).__name__}: {error}", file=sys.stderr)
             continue
         done += 1
         flagged += bool(reasons)
-        print(f"{image_path} -> {target}  (lung fraction {mask.mean():.3f})")
+        print(f"{shown} -> {display_name(target)}  (lung fraction {mask.mean():.3f})")
         for reason in reasons:
-            print(f"WARNING {image_path}: {reason}", file=sys.stderr)
+            print(f"WARNING {shown}: {reason}", file=sys.stderr)
     print(f"{done} done ({flagged} with warnings), {failed} failed, of {len(args.images)} files.")
     return 1 if failed else 0
 

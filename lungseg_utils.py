@@ -132,7 +132,7 @@ class LungsegConfigError(LungsegError, ValueError):
 
 
 class LungsegWarning(UserWarning):
-    """A mask that looks implausible: check the image and the result before using it."""
+    """Something to check: a mask that looks implausible, a damaged cache entry that was replaced."""
 
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -838,24 +838,34 @@ def cached_sample(
     """The image (and mask, if any) resized to ``size``, decoded once and then read from the cache.
 
     Each sample is one ``.npy`` file of shape ``(1 or 2, size, size)`` named by a
-    fingerprint of its source files, so an edited or replaced file is decoded again.
+    fingerprint of its source files, so an edited or replaced file is decoded again;
+    so is an entry that does not load or has the wrong shape (with a warning naming it).
     """
     folder = Path(cache_dir or default_cache_dir()) / f"{size}px"
     key = _fingerprint([image_path, *mask_paths], size)
     cache_file = folder / f"{Path(image_path).stem}_{key}.npy"
+    expected = (2 if mask_paths else 1, size, size)
     if cache_file.is_file():
-        stacked = np.load(cache_file)
+        try:
+            stacked = np.load(cache_file)
+            if stacked.shape == expected and stacked.dtype == np.uint8:
+                return stacked[0], (stacked[1] if len(stacked) > 1 else None)
+        except (OSError, ValueError, EOFError):
+            pass
+        warnings.warn(f"{lungseg_io.display_name(cache_file)}: damaged cache entry, decoded again and replaced.",
+                      LungsegWarning, stacklevel=2)
+    if mask_paths:
+        image, mask = read_pair(image_path, mask_paths)
+        stacked = np.stack([resize_image(image, size), resize_mask(mask, size)])
     else:
-        if mask_paths:
-            image, mask = read_pair(image_path, mask_paths)
-            stacked = np.stack([resize_image(image, size), resize_mask(mask, size)])
-        else:
-            stacked = resize_image(decode_image(image_path), size)[None]
+        stacked = resize_image(decode_image(image_path), size)[None]
+    try:
         folder.mkdir(parents=True, exist_ok=True)
-        temporary = cache_file.with_name(f"{cache_file.stem}.{os.getpid()}.tmp.npy")
-        np.save(temporary, stacked)
-        os.replace(temporary, cache_file)
-    return stacked[0], (stacked[1] if stacked.shape[0] > 1 else None)
+    except OSError as error:
+        raise LungsegError(f"Cannot create the cache folder {folder}: {lungseg_io.describe_os_error(error)} "
+                           "(LUNGSEG_CACHE_DIR chooses another).") from None
+    lungseg_io.write_atomically(cache_file, lambda file: np.save(file, stacked))
+    return stacked[0], (stacked[1] if len(stacked) > 1 else None)
 
 
 def load_arrays(
@@ -1412,19 +1422,40 @@ RESUME_KEYS = ("config", "model_state", "optimizer_state", "scheduler_state", "e
                "stale_epochs", "history")
 
 
+RUN_FILES = ("best.pt", "last.pt", "history.csv", "curves.png")
+
+
 def _open_run(run_dir: Path, config: TrainConfig, resume: bool) -> dict | None:
-    """Check that ``run_dir`` may be written; with ``resume``, its ``last.pt`` (checked against ``config``)."""
+    """Check that ``run_dir`` may be written; with ``resume``, its ``last.pt`` (checked against ``config``).
+
+    A folder whose run stopped before its first ``last.pt`` was complete (only a
+    ``best.pt`` or temporary files) starts anew with ``resume=True``, and with a
+    plain run when it holds no ``best.pt``.
+    """
     last_path = run_dir / "last.pt"
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    if last_path.is_file() and not resume:
         raise LungsegConfigError(
             f"{run_dir} already holds a run. Pass resume=True to continue it, or use a new folder "
             "(this code never overwrites a run)."
         )
-    if not resume:
+    if not last_path.is_file():
+        if resume and not run_dir.is_dir():
+            raise LungsegConfigError(f"Nothing to resume: {last_path} does not exist. Start a new run without resume.")
+        found = sorted(path.name for path in run_dir.iterdir()) if run_dir.is_dir() else []
+        foreign = [name for name in found if name not in RUN_FILES and not name.endswith(".tmp")]
+        if foreign:
+            raise LungsegConfigError(f"{run_dir} holds files that no run writes (e.g. {foreign[0]}): use a new folder.")
+        if "best.pt" in found and not resume:
+            raise LungsegConfigError(
+                f"{run_dir} holds a best.pt but no last.pt: a run that stopped during its first epoch, or a model of "
+                "yours. Pass resume=True to start that run anew, or use a new folder."
+            )
+        if found and resume:
+            print(f"Nothing to resume in {run_dir.name} (it stopped before its first last.pt): starting the run anew.")
+        for leftover in run_dir.glob("*.tmp"):
+            leftover.unlink()
         run_dir.mkdir(parents=True, exist_ok=True)
         return None
-    if not last_path.is_file():
-        raise LungsegConfigError(f"Nothing to resume: {last_path} does not exist. Start a new run without resume.")
     state = lungseg_io.read_checkpoint(last_path)
     missing = [key for key in RESUME_KEYS if key not in state]
     if missing:
@@ -1465,6 +1496,12 @@ def _data_loaders(
     return train_loader, DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers)
 
 
+def _write_history(run_dir: Path, history: list[dict]) -> None:
+    """``history.csv``: one row per epoch, written atomically."""
+    table = pd.DataFrame(history).to_csv(index=False).encode()
+    lungseg_io.write_atomically(run_dir / "history.csv", lambda file: file.write(table))
+
+
 def _restore(state: dict | None, run_dir: Path, model: nn.Module, optimizer, scheduler, scaler) -> _Progress:
     """Load a resumed run's weights and optimiser state; a new run starts from nothing."""
     if state is None:
@@ -1476,7 +1513,7 @@ def _restore(state: dict | None, run_dir: Path, model: nn.Module, optimizer, sch
     if scaler is not None and state.get("scaler_state"):
         scaler.load_state_dict(state["scaler_state"])
     progress = _Progress(state["epoch"], state["best_val_loss"], state["best_epoch"], state["stale_epochs"], list(state["history"]))
-    pd.DataFrame(progress.history).to_csv(run_dir / "history.csv", index=False)  # last.pt is the reference
+    _write_history(run_dir, progress.history)  # last.pt is the reference
     print(f"Resuming {run_dir.name} after epoch {progress.epoch} (best so far: epoch {progress.best_epoch}).")
     return progress
 
@@ -1496,11 +1533,11 @@ def _save_epoch(
         best_val_loss=progress.best_val_loss, best_epoch=progress.best_epoch, stale_epochs=progress.stale_epochs,
         history=progress.history,
     )
-    pd.DataFrame(progress.history).to_csv(run_dir / "history.csv", index=False)
+    _write_history(run_dir, progress.history)
 
 
 def save_checkpoint(path: Path, model: nn.Module, config: TrainConfig, **extra) -> None:
-    """Write a checkpoint atomically: model weights, the run's config, library versions and extra state.
+    """Write a checkpoint atomically (:func:`write_atomically`): weights, the run's config, library versions, extra state.
 
     Everything except the ``*_state`` dicts is stored as plain Python types, so
     that :func:`load_checkpoint` can read it with ``weights_only=True``.
@@ -1511,9 +1548,7 @@ def save_checkpoint(path: Path, model: nn.Module, config: TrainConfig, **extra) 
         "versions": lungseg_io.plain(library_versions()),
         **{key: value if key.endswith("_state") else lungseg_io.plain(value) for key, value in extra.items()},
     }
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
+    lungseg_io.write_atomically(path, lambda file: torch.save(payload, file))
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
@@ -1558,7 +1593,7 @@ def plot_history(history: pd.DataFrame, path: str | os.PathLike | None = None):
     ax_dice.set(xlabel="epoch", ylabel="per-image Dice", title="Validation Dice")
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=100)
+        lungseg_io.write_atomically(path, lambda file: fig.savefig(file, format="png", dpi=100))
     return fig
 
 
