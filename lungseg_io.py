@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import errno
 import hashlib
+import http.client
 import io
 import os
 import pickle
@@ -219,6 +220,10 @@ def download_file(
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+    if total is not None and partial.stat().st_size != total:
+        received = partial.stat().st_size
+        partial.unlink()
+        raise L.LungsegDataError(f"Download of {url} was interrupted ({received:,d} of {total:,d} bytes). Run it again.")
     if not _file_matches(partial, expected_size, sha256):
         actual = partial.stat().st_size
         partial.unlink()
@@ -286,7 +291,7 @@ def download_montgomery(
         try:
             archive = download_file(url, target / "MontgomerySet.zip", expected_size, sha256, timeout)
             break
-        except (urllib.error.URLError, OSError) as error:
+        except (urllib.error.URLError, OSError, http.client.HTTPException, L.LungsegDataError) as error:
             failures.append(f"{url}: {error}")
     if archive is None:
         raise L.LungsegDataError("Could not download the Montgomery set:\n  " + "\n  ".join(failures))
@@ -387,6 +392,10 @@ def check_file(source: str | os.PathLike | bytes, name: str) -> None:
         raise L.LungsegDataError(f"{name}: is a folder, not an image file. Give the image files inside it.")
     if path.stat().st_size == 0:
         raise L.LungsegDataError(f"{name}: the file is empty (0 bytes). Copy or download it again.")
+    try:
+        open(path, "rb").close()
+    except OSError as error:
+        raise L.LungsegDataError(f"{name}: cannot be read: {describe_os_error(error)}.") from None
 
 
 def looks_like_dicom(source: str | os.PathLike | bytes, name: str) -> bool:
@@ -451,10 +460,15 @@ def raster_pixels(im: Image.Image, name: str, keep_channels: bool = False) -> np
         return np.asarray(im)
     if mode == "LA":
         return np.asarray(im.getchannel("L"))
-    if keep_channels:
-        has_alpha = "A" in mode or "transparency" in im.info
-        return np.asarray(im.convert("RGBA" if has_alpha else "RGB"))
-    return np.asarray(im.convert("L"))
+    try:
+        if keep_channels:
+            has_alpha = "A" in mode or "transparency" in im.info
+            return np.asarray(im.convert("RGBA" if has_alpha else "RGB"))
+        return np.asarray(im.convert("L"))
+    except (ValueError, OSError):
+        raise L.LungsegDataError(
+            f"{name}: its colour mode {mode} cannot be converted to gray. Save the image as grayscale or RGB."
+        ) from None
 
 
 def decode_dicom(source: str | os.PathLike | bytes, name: str, max_pixels: int | None) -> np.ndarray:
@@ -483,7 +497,13 @@ def decode_dicom(source: str | os.PathLike | bytes, name: str, max_pixels: int |
         pixels = pixels[0]
     if pixels.ndim == 3:  # colour DICOM (rare for X-rays)
         return cv2.cvtColor(L.to_uint8_range(pixels), cv2.COLOR_RGB2GRAY)
-    values = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset).astype(np.float32)
+    try:
+        values = np.asarray(apply_voi_lut(apply_modality_lut(pixels, dataset), dataset), dtype=np.float32)
+    except Exception as error:  # e.g. a WindowWidth of 0, a RescaleSlope that is not a number
+        raise L.LungsegDataError(
+            f"{name}: its DICOM grey-level tags cannot be applied ({type(error).__name__}: {error}). "
+            "Export the image as PNG from your viewer."
+        ) from None
     gray = L.to_uint8_range(values)
     return 255 - gray if str(getattr(dataset, "PhotometricInterpretation", "")) == "MONOCHROME1" else gray
 
@@ -559,6 +579,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 
 CHECKPOINT_CONFIG_KEYS = ("encoder", "image_size")
+MAX_MODEL_SIZE = 4096  # pixels per side: a checkpoint asking for more is refused before any memory is allocated
 
 
 def checked_config(path: Path, payload: dict) -> dict:
@@ -581,6 +602,10 @@ def checked_config(path: Path, payload: dict) -> dict:
     size = config["image_size"]
     if not isinstance(size, int) or size <= 0 or size % 32:
         raise L.LungsegCheckpointError(f"{path}: image_size {size!r} is not a positive multiple of 32. Use a checkpoint written by train().")
+    if size > MAX_MODEL_SIZE:
+        raise L.LungsegCheckpointError(
+            f"{path}: image_size {size} is larger than any X-ray needs (at most {MAX_MODEL_SIZE}). Use a checkpoint written by train()."
+        )
     return config
 
 

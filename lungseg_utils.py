@@ -655,11 +655,19 @@ def three_way_split(
     """
     pairs = labeled_only(table)
     strata = pairs["source"] + "_" + pairs["tb_label"].astype(str)
-    rest, test = train_test_split(pairs, test_size=test_fraction, random_state=seed, stratify=strata)
-    rest_strata = rest["source"] + "_" + rest["tb_label"].astype(str)
-    train, val = train_test_split(
-        rest, test_size=val_fraction / (1 - test_fraction), random_state=seed, stratify=rest_strata
-    )
+    try:
+        rest, test = train_test_split(pairs, test_size=test_fraction, random_state=seed, stratify=strata)
+        rest_strata = rest["source"] + "_" + rest["tb_label"].astype(str)
+        train, val = train_test_split(
+            rest, test_size=val_fraction / (1 - test_fraction), random_state=seed, stratify=rest_strata
+        )
+    except ValueError:
+        groups = ", ".join(f"{group} {count}" for group, count in strata.value_counts().sort_index().items())
+        raise LungsegDataError(
+            f"{len(pairs)} X-rays with a mask are too few for a three-way split stratified by hospital and TB label "
+            f"({groups or 'none'}): the validation part (10%) must hold every group, so each group needs about 10. "
+            "Add X-rays with masks (in masks/ or ManualMask/)."
+        ) from None
     return {k: v.sort_values("name").reset_index(drop=True) for k, v in {"train": train, "val": val, "test": test}.items()}
 
 
@@ -1068,7 +1076,7 @@ def check_arrays(images: np.ndarray, masks: np.ndarray, image_size: int | None =
     """smp-style sanity checks before training; each failure raises :class:`LungsegDataError`.
 
     Images and masks have the same shape, sides divisible by 32 (equal to
-    ``image_size`` when given), and masks hold only 0 and 1.
+    ``image_size`` when given), and masks hold only 0 and 1, with a lung in each.
     """
     if masks is None or images.shape != masks.shape:
         raise LungsegDataError(f"images {images.shape} and masks {getattr(masks, 'shape', None)} differ: "
@@ -1082,6 +1090,12 @@ def check_arrays(images: np.ndarray, masks: np.ndarray, image_size: int | None =
         )
     if not set(np.unique(masks)).issubset({0, 1}):
         raise LungsegDataError("masks must hold only 0 and 1 (read them with read_mask or load_arrays).")
+    empty = np.flatnonzero(masks.reshape(len(masks), -1).max(axis=1) == 0) if len(masks) else []
+    if len(empty):
+        raise LungsegDataError(
+            f"{len(empty)} of the {len(masks)} masks hold no lung (e.g. number {empty[0]}): a training set needs "
+            "a lung in every mask. Remove those X-rays, or draw their masks."
+        )
 
 
 def seed_worker(worker_id: int) -> None:
@@ -1879,6 +1893,12 @@ def predict_arrays(
     A model trained with ``equalize`` (its checkpoint says so) gets every image
     through :func:`equalize_contrast` first, as in its training.
     """
+    size = getattr(model, "lungseg_config", {}).get("image_size")
+    if np.ndim(images) != 3 or (size and tuple(np.shape(images)[1:]) != (size, size)):
+        raise LungsegDataError(
+            f"predict_arrays needs images of shape (N, {size or 'H'}, {size or 'W'}) at the model's size; got "
+            f"{np.shape(images)}. Resize them with resize_image, or use predict, which takes any size."
+        )
     prepare = equalize_contrast if getattr(model, "lungseg_config", {}).get("equalize") else np.asarray
     if device is not None:
         device = torch.device(device)

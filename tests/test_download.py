@@ -22,6 +22,14 @@ class CountingHandler(http.server.SimpleHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         CountingHandler.requests.append(self.path)
+        if self.path.startswith("/cut/"):  # the connection drops halfway through the file
+            body = (Path(self.directory) / self.path.removeprefix("/cut/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            self.close_connection = True
+            return
         super().do_GET()
 
     def log_message(self, *args):
@@ -275,3 +283,14 @@ def test_a_fresh_machine_fetches_the_montgomery_set_for_the_tests_and_says_so(se
     assert "no Kaggle credentials" in said and f"Fetched the NLM Montgomery set into {data_dir}" in said
     assert set(L.build_pairs_table(data_dir).source) == {"Montgomery"}
     assert find_test_data(**options) == data_dir and CountingHandler.requests == ["/MontgomerySet.zip"], "fetched once"
+
+
+def test_an_interrupted_download_tries_the_next_address_and_says_so(server, tmp_path):
+    url, www = server
+    montgomery_zip(www / "MontgomerySet.zip")
+    with pytest.raises(L.LungsegDataError, match=naming("MontgomerySet.zip", "interrupted")):
+        L.download_file(f"{url}/cut/MontgomerySet.zip", tmp_path / "one" / "MontgomerySet.zip")
+    assert not list((tmp_path / "one").iterdir()), "no partial file is left"
+    urls = [f"{url}/cut/MontgomerySet.zip", f"{url}/MontgomerySet.zip"]
+    assert L.download_montgomery(tmp_path / "two", urls=urls, expected_images=2) == tmp_path / "two" / "MontgomerySet"
+    assert CountingHandler.requests[-2:] == ["/cut/MontgomerySet.zip", "/MontgomerySet.zip"]
