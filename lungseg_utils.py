@@ -2137,7 +2137,7 @@ class SegmentationApp:
         try:
             gray = decode_image(data, name)
             mask = predict(self.model, gray, postprocess=self.postprocess, warn=False)
-        except LungsegDataError as error:
+        except LungsegError as error:
             self.message.value = f"<span style='color:#b00020'>Could not segment this file: {html.escape(str(error))}</span>"
             return None
         area = int(mask.sum())

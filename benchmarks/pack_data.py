@@ -42,11 +42,17 @@ def write_copy(table: pd.DataFrame, size: int, out: Path) -> None:
     unlabeled = table[table.mask_paths.map(len) == 0]
     images, masks = L.load_arrays(labeled, size)
     for (_, row), image, mask in zip(labeled.iterrows(), images, masks):
-        cv2.imwrite(str(images_dir / Path(row.image_path).name), image)
-        cv2.imwrite(str(masks_dir / mask_file_name(row)), mask * 255)
+        write_png(images_dir / Path(row.image_path).name, image)
+        write_png(masks_dir / mask_file_name(row), mask * 255)
     if len(unlabeled):
         for (_, row), image in zip(unlabeled.iterrows(), L.load_arrays(unlabeled, size)[0]):
-            cv2.imwrite(str(images_dir / Path(row.image_path).name), image)
+            write_png(images_dir / Path(row.image_path).name, image)
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    """An 8-bit PNG, encoded in memory and written atomically (no path ever reaches OpenCV)."""
+    encoded = cv2.imencode(".png", array)[1].tobytes()
+    L.write_atomically(path, lambda file: file.write(encoded))
 
 
 def check_copy(table: pd.DataFrame, size: int, out: Path) -> None:

@@ -278,7 +278,8 @@ def main() -> None:
             scores = train_missing_seeds(name, seeds, results / f"{label}.csv", split, log, args.epochs, args.train_on,
                                          args.keep_runs)
         if not args.from_scores:
-            scores.to_csv(results / f"{label}.csv", index=False)
+            table = scores.to_csv(index=False).encode()
+            L.write_atomically(results / f"{label}.csv", lambda file: file.write(table))
         reference_file = results / f"{args.against}.csv"
         reference_scores = None
         if label != args.against and reference_file.is_file():

@@ -57,3 +57,9 @@ def test_app_shows_the_overlay_as_a_png_without_output_widgets(app, real_xray):
     scale = min(1.0, 512 / max(height, width))  # the picture is shown at most 512 px per side, the mask is full size
     assert picture.shape == (round(height * scale), round(width * scale), 3) and result["mask"].shape == (height, width)
     assert app.process(b"broken", "broken.png") is None and app.picture.value == b""
+
+
+def test_every_lungseg_error_is_a_red_message_not_a_traceback(app, real_xray, monkeypatch):
+    monkeypatch.setenv("LUNGSEG_MAX_MEGAPIXELS", "lots")  # a setting that cannot work, raised while decoding
+    assert app.process(real_xray.read_bytes(), real_xray.name) is None
+    assert "b00020" in app.message.value and "LUNGSEG_MAX_MEGAPIXELS" in app.message.value
