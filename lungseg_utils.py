@@ -1442,9 +1442,9 @@ RUN_FILES = ("best.pt", "last.pt", "history.csv", "curves.png")
 def _open_run(run_dir: Path, config: TrainConfig, resume: bool) -> dict | None:
     """Check that ``run_dir`` may be written; with ``resume``, its ``last.pt`` (checked against ``config``).
 
-    A folder whose run stopped before its first ``last.pt`` was complete (only a
-    ``best.pt`` or temporary files) starts anew with ``resume=True``, and with a
-    plain run when it holds no ``best.pt``.
+    A folder whose run stopped before its first ``last.pt`` was complete starts
+    anew: with ``resume=True``, or with a plain run when it holds the temporary
+    file of the interrupted write (a ``best.pt`` alone may be a model of yours).
     """
     last_path = run_dir / "last.pt"
     if last_path.is_file() and not resume:
@@ -1459,7 +1459,8 @@ def _open_run(run_dir: Path, config: TrainConfig, resume: bool) -> dict | None:
         foreign = [name for name in found if name not in RUN_FILES and not name.endswith(".tmp")]
         if foreign:
             raise LungsegConfigError(f"{run_dir} holds files that no run writes (e.g. {foreign[0]}): use a new folder.")
-        if "best.pt" in found and not resume:
+        stopped_while_writing = any(name.endswith(".tmp") for name in found)
+        if "best.pt" in found and not resume and not stopped_while_writing:
             raise LungsegConfigError(
                 f"{run_dir} holds a best.pt but no last.pt: a run that stopped during its first epoch, or a model of "
                 "yours. Pass resume=True to start that run anew, or use a new folder."

@@ -141,7 +141,9 @@ def test_a_run_stopped_during_its_first_checkpoint_can_continue(tmp_path):
     (run / ".last.pt.1234.tmp").write_bytes(b"half a checkpoint")
     assert L.train(data, val, run, tiny_config(epochs=1)).history.epoch.tolist() == [1]
     assert not list(run.glob("*.tmp"))
-    (run / "last.pt").unlink()  # now: a best.pt and no last.pt
+    (run / "last.pt").rename(run / ".last.pt.1234.tmp")  # stopped while writing its first last.pt, after best.pt
+    assert L.train(data, val, run, tiny_config(epochs=1)).history.epoch.tolist() == [1]
+    (run / "last.pt").unlink()  # a best.pt alone, no trace of a stopped write: perhaps a model of the user's
     with pytest.raises(L.LungsegConfigError, match=naming(run, "resume=True")):
         L.train(data, val, run, tiny_config(epochs=1))
     assert L.train(data, val, run, tiny_config(epochs=1), resume=True).history.epoch.tolist() == [1]
