@@ -15,6 +15,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, str(REPO / "lungseg_utils.py")]  # the command line, as a user runs it
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")

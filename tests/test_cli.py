@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 
 import lungseg_utils as L
-from conftest import REPO, write_header_bomb
+from conftest import CLI, write_header_bomb
 
-CLI = [sys.executable, str(REPO / "lungseg_utils.py")]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import errno
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -15,9 +14,8 @@ import numpy as np
 import pytest
 
 import lungseg_utils as L
-from conftest import REPO, naming, tiny_arrays, tiny_config
+from conftest import CLI, naming, tiny_arrays, tiny_config
 
-CLI = [sys.executable, str(REPO / "lungseg_utils.py")]
 
 
 def full_disk(*args, **kwargs):
