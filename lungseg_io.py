@@ -19,6 +19,7 @@ import errno
 import hashlib
 import http.client
 import io
+import itertools
 import os
 import pickle
 import re
@@ -27,6 +28,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -38,6 +40,7 @@ from typing import BinaryIO, Callable, Sequence
 
 import cv2
 import numpy as np
+import pandas as pd
 import segmentation_models_pytorch as smp
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -745,26 +748,41 @@ def _cli_train(args: argparse.Namespace) -> None:
           f"{result.history['train_images_per_s'].mean():.1f} train img/s on {result.device}")
 
 
+def _free_name(folder: Path, stem: str, suffix: str) -> Path:
+    """``folder/stem.suffix``, or ``stem-2``, ``stem-3``... when taken: an earlier run's file is never overwritten."""
+    candidates = (folder / f"{stem}{'' if n == 1 else f'-{n}'}{suffix}" for n in itertools.count(1))
+    return next(path for path in candidates if not path.exists())
+
+
 def _cli_predict(args: argparse.Namespace) -> int:
     """Write a PNG mask (0/255) for each input into ``--out``; go on past bad files.
 
     Every file that cannot be done is named with its reason, and every mask that
-    looks implausible (:func:`L.mask_warnings`) with a warning; a one-line summary
-    ends the run. Returns the exit status: 0 when every file was done (warnings
-    included), else 1.
+    looks implausible (:func:`L.mask_warnings`) with a warning. Where the
+    checkpoint has a quality model (chapter 07), each mask's estimated Dice and
+    "review" flag are printed too. ``predictions.csv`` in ``--out`` gets one row
+    per file (mask, estimate, warnings or the reason it failed); a one-line
+    summary ends the run. Returns the exit status: 0 when every file was done
+    (warnings and flags included), else 1.
     An existing mask is never overwritten without ``--force``, and never a mask
-    written earlier in the same run. Masks are written atomically (:func:`write_atomically`).
+    written earlier in the same run. Files are written atomically (:func:`write_atomically`).
     """
     model = L.load_checkpoint(args.checkpoint)
+    quality = L.quality_model_of(model)
+    if quality is None:
+        print(f"No quality model beside {display_name(args.checkpoint)}: masks only, no estimated Dice "
+              "(fit one with: python lungseg_utils.py fit-quality --checkpoint <best.pt>).")
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise L.LungsegError(f"Cannot create the output folder {display_name(out)}: {describe_os_error(error)}.") from None
-    done, failed, flagged, written = 0, 0, 0, {}
+    done, failed, flagged, to_review, written, rows = 0, 0, 0, 0, {}, []
     for image_path in args.images:
         shown = display_name(image_path)
         target = out / f"{Path(image_path).stem}_mask.png"
+        row = dict(file=shown, mask="", estimated_dice="", dice_low="", dice_high="", review="", warnings="", error="")
+        rows.append(row)
         try:
             if target in written:
                 raise L.LungsegError(f"{display_name(written[target])} already wrote {display_name(target)} in this run; "
@@ -772,30 +790,64 @@ def _cli_predict(args: argparse.Namespace) -> int:
             if target.exists() and not args.force:
                 raise L.LungsegError(f"{display_name(target)} exists; pass --force to overwrite it.")
             gray = L.decode_image(image_path, shown)
-            mask = L.predict(model, gray, threshold=args.threshold, postprocess=not args.raw, warn=False)
+            result = L.predict(model, gray, threshold=args.threshold, postprocess=not args.raw, warn=False,
+                               with_quality=quality is not None)
+            mask = result.mask if quality is not None else result
             write_atomically(target, lambda file: file.write(L.mask_png_bytes(mask)))
             written[target] = image_path
             reasons = L.mask_warnings(mask, gray, L.model_lung_fraction_range(model))
         except L.LungsegError as error:
             failed += 1
             reason = str(error).removeprefix(f"{shown}: ")  # most messages start with the file name
+            row["error"] = reason
             print(f"FAILED {shown}: {reason}", file=sys.stderr)
             continue
         except Exception as error:  # a batch goes on; the reason is still named
             failed += 1
-            print(f"FAILED {shown}: unexpected {type(error).__name__}: {error}", file=sys.stderr)
+            row["error"] = f"unexpected {type(error).__name__}: {error}"
+            print(f"FAILED {shown}: {row['error']}", file=sys.stderr)
             continue
         done += 1
         flagged += bool(reasons)
-        print(f"{shown} -> {display_name(target)}  (lung fraction {mask.mean():.3f})")
+        row.update(mask=target.name, warnings="; ".join(reasons))
+        estimate = ""
+        if quality is not None:
+            q = result.quality
+            to_review += q.review
+            row.update(estimated_dice=round(q.estimated_dice, 4), dice_low=round(q.dice_low, 4),
+                       dice_high=round(q.dice_high, 4), review=q.review)
+            estimate = (f", estimated Dice {q.estimated_dice:.3f} [{q.dice_low:.3f}, {q.dice_high:.3f}]"
+                        + ("  REVIEW THIS MASK" if q.review else ""))
+        print(f"{shown} -> {display_name(target)}  (lung fraction {mask.mean():.3f}{estimate})")
         for reason in reasons:
             print(f"WARNING {shown}: {reason}", file=sys.stderr)
-    print(f"{done} done ({flagged} with warnings), {failed} failed, of {len(args.images)} files.")
+    table = _free_name(out, "predictions", ".csv")
+    write_atomically(table, lambda file: file.write(pd.DataFrame(rows).to_csv(index=False).encode()))
+    review = f", {to_review} to review" if quality is not None else ""
+    print(f"{done} done ({flagged} with warnings{review}), {failed} failed, of {len(args.images)} files; "
+          f"one row per file in {display_name(table)}.")
     return 1 if failed else 0
 
 
+def _cli_fit_quality(args: argparse.Namespace) -> None:
+    """Fit the quality model of a checkpoint (:func:`L.fit_quality`) and write it beside the checkpoint."""
+    model = L.load_checkpoint(args.checkpoint)
+    size = L.model_image_size(model)
+    split = L.three_way_split(L.build_pairs_table(args.data_dir))
+    target = L.quality_file_for(args.checkpoint)
+    if target.exists() and not args.force:
+        raise L.LungsegError(f"{display_name(target)} exists; pass --force to fit it again and replace it.")
+    started = time.perf_counter()
+    quality, benchmark = L.fit_quality(model, L.load_arrays(split["train"], size), L.load_arrays(split["val"], size),
+                                       list(split["val"]["name"]))
+    quality.save(target)
+    print(f"Fitted on {len(benchmark)} validation predictions ({benchmark['name'].nunique()} X-rays, clean and shifted) in "
+          f"{(time.perf_counter() - started) / 60:.1f} min; {quality.coverage:.0%} interval margin {quality.margin:.3f}. "
+          f"Wrote {display_name(target)}.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: ``download``, ``train`` and ``predict``; returns the exit status."""
+    """Command-line entry point: ``download``, ``train``, ``predict`` and ``fit-quality``; returns the exit status."""
     parser = argparse.ArgumentParser(prog="lungseg_utils.py", description="Lung segmentation in chest X-rays.")
     commands = parser.add_subparsers(dest="command", required=True)
     download = commands.add_parser("download", help="download the data: the Kaggle set, else the NLM Montgomery set")
@@ -818,6 +870,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     predictor.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
     predictor.add_argument("--raw", action="store_true", help="skip post-processing")
     predictor.add_argument("--force", action="store_true", help="overwrite existing mask files")
+    fitter = commands.add_parser("fit-quality", help="fit a checkpoint's quality model (estimated Dice per mask)")
+    fitter.add_argument("--checkpoint", required=True, help="best.pt written by train (chapter 03)")
+    fitter.add_argument("--data-dir", default=None)
+    fitter.add_argument("--force", action="store_true", help="replace an existing quality.npz")
     args = parser.parse_args(argv)
     try:
         if args.command == "download":
@@ -825,6 +881,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(download_montgomery(target) if args.montgomery else L.ensure_data(target))
         elif args.command == "train":
             _cli_train(args)
+        elif args.command == "fit-quality":
+            _cli_fit_quality(args)
         else:
             return _cli_predict(args)
     except L.LungsegError as error:

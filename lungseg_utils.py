@@ -19,6 +19,7 @@ Index, in chapter order:
 9. Inference: ``predict_arrays``, ``predict``, ``mask_warnings``.
 10. Figures and the upload app: ``overlay``, ``error_overlay``, ``SegmentationApp``.
 11. Acquisition shifts: ``apply_shift``, ``shift_benchmark``.
+12. When to distrust a mask: ``quality_signals``, ``fit_quality``, ``estimate_quality``, ``predict(..., with_quality=True)``.
 
 Conventions used throughout:
 
@@ -44,7 +45,7 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple, Sequence
 
@@ -99,6 +100,12 @@ __all__ = [
     "SegmentationApp",
     # 11. acquisition shifts
     "SEVERITIES", "SHIFTS", "GEOMETRIC_SHIFTS", "apply_shift", "shift_benchmark", "summarize_shifts",
+    # 12. when to distrust a mask
+    "QUALITY_SIGNALS", "REVIEW_BELOW", "QUALITY_FILE", "SHAPE_SIZE", "dice_of", "self_dice", "test_time_views", "view_back",
+    "encoder_features", "QualityModel", "quality_references", "shape_coefficients", "shape_fit", "feature_distance", "quality_signals",
+    "fit_quality_model", "estimate_quality", "quality_file_for", "quality_model_of", "MaskQuality", "Prediction",
+    "require_quality_model", "quality_of", "quality_benchmark", "fit_quality", "rca_dice", "auroc_interval",
+    "review_curve",
 ]
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -2024,23 +2031,34 @@ def predict(
     postprocess: bool = False,
     size: int | None = None,
     warn: bool = True,
-) -> np.ndarray:
+    with_quality: bool = False,
+) -> np.ndarray | Prediction:
     """Binary lung mask (0/1 ``uint8``) at the image's original size.
 
     ``image`` is a path, a file's bytes or an array: any size up to the limit of
     :func:`check_image_size`, 8 or 16 bit, gray or RGB(A), or DICOM.
     ``postprocess`` keeps the two largest regions and fills holes. With ``warn``,
     an implausible mask (:func:`mask_warnings`) raises a :class:`LungsegWarning`.
+    With ``with_quality``, returns a :class:`Prediction`: the same mask and its
+    estimated Dice (:func:`estimate_quality`, from the model's quality model,
+    chapter 07), which costs two more forward passes.
     """
     gray = _as_gray(image)
-    mask = (predict_proba(model, gray, size) > threshold).astype(np.uint8)
+    if with_quality:
+        quality = require_quality_model(model)
+        size = size or model_image_size(model)
+        probs, signals = quality_signals(model, resize_image(gray, size)[None], quality)
+        probs = cv2.resize(probs[0], (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_LINEAR)
+    else:
+        probs = predict_proba(model, gray, size)
+    mask = (probs > threshold).astype(np.uint8)
     if postprocess:
         mask = postprocess_mask(mask)
     if warn:
         label = Path(image).name if isinstance(image, (str, os.PathLike)) else "image"
         for reason in mask_warnings(mask, gray, model_lung_fraction_range(model)):
             warnings.warn(f"{label}: {reason}", LungsegWarning, stacklevel=2)
-    return mask
+    return Prediction(mask, quality_of(signals, quality)[0]) if with_quality else mask
 
 
 # --------------------------------------------------------------------------
@@ -2104,7 +2122,7 @@ def mask_png_bytes(mask: np.ndarray) -> bytes:
 
 
 class SegmentationApp:
-    """An ipywidgets interface: upload an X-ray, see the lung mask, its area, and download it.
+    """An ipywidgets interface: upload an X-ray, see the lung mask, its area, its estimated Dice, and download it.
 
     ``process(data, name)`` is the upload callback; it returns the result dict, or
     None after writing a message into the widget when the file is bad.
@@ -2137,20 +2155,29 @@ class SegmentationApp:
         self.download.value = ""
         try:
             gray = decode_image(data, name)
-            mask = predict(self.model, gray, postprocess=self.postprocess, warn=False)
+            has_quality = quality_model_of(self.model) is not None
+            result = predict(self.model, gray, postprocess=self.postprocess, warn=False, with_quality=has_quality)
         except LungsegError as error:
             self.message.value = f"<span style='color:#b00020'>Could not segment this file: {html.escape(str(error))}</span>"
             return None
+        mask, quality = result if has_quality else (result, None)
         area = int(mask.sum())
         reasons = mask_warnings(mask, gray, model_lung_fraction_range(self.model))
+        if quality is None:
+            estimate = "<br>No estimated Dice: this checkpoint has no quality model (chapter 07 fits one)."
+        else:
+            estimate = (f"<br>Estimated Dice {quality.estimated_dice:.3f} "
+                        f"({quality.dice_low:.3f} to {quality.dice_high:.3f}, {self.model.lungseg_quality.coverage:.0%} interval)"
+                        + (" <span style='color:#b00020'><b>Review this mask</b></span>" if quality.review else ""))
         self.message.value = (f"<b>{html.escape(name)}</b>: {gray.shape[1]}x{gray.shape[0]} px, lung area "
-                              f"{area:,d} px = {area / mask.size:.1%} of the image"
+                              f"{area:,d} px = {area / mask.size:.1%} of the image" + estimate
                               + "".join(f"<br><span style='color:#b36b00'>Check this mask: {html.escape(r)}</span>" for r in reasons))
         encoded = base64.b64encode(mask_png_bytes(mask)).decode()
         stem = html.escape(Path(name).stem)
         self.download.value = f"<a download='{stem}_mask.png' href='data:image/png;base64,{encoded}'>Download the mask (PNG)</a>"
         self.picture.value = overlay_png_bytes(gray, mask)
-        return dict(name=name, gray=gray, mask=mask, lung_pixels=area, lung_fraction=area / mask.size, warnings=reasons)
+        return dict(name=name, gray=gray, mask=mask, lung_pixels=area, lung_fraction=area / mask.size, warnings=reasons,
+                    quality=quality)
 
 
 # --------------------------------------------------------------------------
@@ -2283,6 +2310,382 @@ def summarize_shifts(benchmark: pd.DataFrame, n_bootstrap: int = 2000) -> pd.Dat
         rows.append(dict(shift=shift, severity=severity, dice=group["dice"].mean(), drop=-paired["mean_difference"],
                          drop_low=-paired["ci_high"], drop_high=-paired["ci_low"], warned=group["warned"].mean(), n=paired["n"]))
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------
+# 12. When to distrust a mask (chapter 07)
+# --------------------------------------------------------------------------
+
+QUALITY_SIGNALS = ("self_dice", "tta_dice", "shape_fit", "feature_distance")
+REVIEW_BELOW = 0.9  # a mask whose estimated Dice is below this is flagged "review this mask"
+SHAPE_SIZE = 64  # side of the masks the shape model sees
+SHAPE_COMPONENTS = 12  # principal modes of lung shape kept
+FEATURE_NEIGHBOURS = 5
+QUALITY_FILE = "quality.npz"  # written beside a checkpoint by fit_quality_model
+
+
+def dice_of(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two masks (or a probability map and a mask: the soft Dice); 1.0 when both are empty."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    total = a.sum() + b.sum()
+    return float(2 * (a * b).sum() / total) if total > 0 else 1.0
+
+
+def self_dice(probs: np.ndarray, threshold: float = 0.5) -> float:
+    """Soft Dice of a probability map with its own mask: the Dice the model expects, if it were calibrated.
+
+    :math:`\\hat D = 2\\sum_i p_i m_i / (\\sum_i p_i + \\sum_i m_i)` with :math:`m_i = [p_i > 0.5]`:
+    1 when every pixel is certain, lower the more pixels sit near 0.5.
+    """
+    return dice_of(probs, probs > threshold)
+
+
+def _view_matrix(size: int) -> np.ndarray:
+    """The affine map of the test-time view: 8% smaller, moved 3% right and 2% down."""
+    matrix = cv2.getRotationMatrix2D((size / 2, size / 2), 0, 0.92)
+    matrix[:, 2] += (0.03 * size, 0.02 * size)
+    return matrix
+
+
+def test_time_views(image: np.ndarray) -> list[np.ndarray]:
+    """Two slightly changed copies of an 8-bit image at model size: a smaller, shifted framing, and a blur.
+
+    A mask the model is sure of barely moves under such changes; :func:`quality_signals`
+    maps each view's prediction back with :func:`view_back` and compares.
+    """
+    size = image.shape[0]
+    moved = cv2.warpAffine(image, _view_matrix(size), (size, size), flags=cv2.INTER_LINEAR, borderValue=0)
+    blurred = cv2.GaussianBlur(image, (0, 0), sigmaX=1.5)
+    return [moved, blurred]
+
+
+def view_back(probs: list[np.ndarray]) -> list[np.ndarray]:
+    """The predictions of :func:`test_time_views` mapped back into the original image's frame."""
+    size = probs[0].shape[0]
+    moved_back = cv2.warpAffine(probs[0], _view_matrix(size), (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+    return [moved_back, probs[1]]
+
+
+@contextlib.contextmanager
+def encoder_features(model: nn.Module):
+    """Collect the encoder's deepest feature map, averaged over space, for every forward pass inside the block."""
+    collected: list[np.ndarray] = []
+
+    def hook(module, inputs, outputs):
+        collected.append(outputs[-1].float().mean(dim=(2, 3)).cpu().numpy())
+
+    handle = model.encoder.register_forward_hook(hook)
+    try:
+        yield collected
+    finally:
+        handle.remove()
+
+
+def _unit_rows(features: np.ndarray) -> np.ndarray:
+    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-8)
+
+
+def _small_masks(masks: np.ndarray) -> np.ndarray:
+    return np.stack([cv2.resize(m.astype(np.float32), (SHAPE_SIZE, SHAPE_SIZE), interpolation=cv2.INTER_AREA) for m in masks])
+
+
+@dataclass
+class QualityModel:
+    """What :func:`estimate_quality` needs besides the segmentation model, fitted once per model.
+
+    ``shape_mean``/``shape_modes``: a linear shape model (PCA) of the training masks
+    at 64 px. ``train_features``: the unit-length encoder features of the training
+    images. ``coef``/``intercept``: a linear regression of the signals onto
+    :math:`\\log(1.001 - \\text{Dice})`, fitted on half of the validation X-rays;
+    ``margin``: the split-conformal quantile of its absolute residuals on the other half.
+    """
+
+    shape_mean: np.ndarray
+    shape_modes: np.ndarray
+    train_features: np.ndarray
+    coef: np.ndarray = field(default_factory=lambda: np.zeros(len(QUALITY_SIGNALS)))
+    intercept: float = 0.0
+    margin: float = float("nan")
+    coverage: float = 0.9
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write it as a plain ``.npz`` (numbers only, read with ``allow_pickle=False``), atomically."""
+        arrays = {key: np.asarray(value) for key, value in asdict(self).items()}
+        lungseg_io.write_atomically(Path(path), lambda file: np.savez(file, **arrays))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "QualityModel":
+        """Read a file of :meth:`save`; a damaged one raises :class:`LungsegCheckpointError` naming it."""
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                values = {key: stored[key] for key in stored.files}
+            return cls(**{key: value if value.ndim else value.item() for key, value in values.items()})
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            raise LungsegCheckpointError(
+                f"{path}: not a quality model written by fit_quality_model ({error}). Delete it and fit it again "
+                "(chapter 07, or: python lungseg_utils.py fit-quality --checkpoint <best.pt>)."
+            ) from None
+
+
+def quality_references(model: nn.Module, train_images: np.ndarray, train_masks: np.ndarray) -> QualityModel:
+    """Fit the shape model on the training masks and store the training images' encoder features."""
+    from sklearn.decomposition import PCA
+
+    shapes = _small_masks(train_masks).reshape(len(train_masks), -1)
+    pca = PCA(n_components=min(SHAPE_COMPONENTS, len(shapes) - 1), random_state=SEED).fit(shapes)
+    with encoder_features(model) as features:
+        predict_arrays(model, train_images)
+    return QualityModel(pca.mean_.astype(np.float32), pca.components_.astype(np.float32),
+                        _unit_rows(np.concatenate(features)).astype(np.float32))
+
+
+def shape_coefficients(masks: np.ndarray, quality: QualityModel) -> np.ndarray:
+    """The coordinates ``(N, modes)`` of masks in the shape model: :math:`c_j = \\phi_j^\\top (m - \\mu)` at 64 px."""
+    small = _small_masks(masks).reshape(len(masks), -1)
+    return (small - quality.shape_mean) @ quality.shape_modes.T
+
+
+def shape_fit(mask: np.ndarray, quality: QualityModel) -> float:
+    """Dice of a mask with its nearest plausible lung shape (its projection on the shape model's modes).
+
+    A pair of lungs like the training masks is rebuilt almost exactly (near 1); a
+    mask with a lung missing, cut or spilling over the heart is not.
+    """
+    rebuilt = quality.shape_mean + shape_coefficients(mask[None], quality)[0] @ quality.shape_modes
+    return dice_of(_small_masks(mask[None]).reshape(-1) > 0.5, rebuilt > 0.5)
+
+
+def feature_distance(features: np.ndarray, quality: QualityModel) -> np.ndarray:
+    """Mean cosine distance of each image's encoder features to its 5 nearest training images."""
+    similarity = _unit_rows(features) @ quality.train_features.T
+    nearest = -np.sort(-similarity, axis=1)[:, :FEATURE_NEIGHBOURS]
+    return 1 - nearest.mean(axis=1)
+
+
+def quality_signals(model: nn.Module, images: np.ndarray, quality: QualityModel) -> tuple[np.ndarray, pd.DataFrame]:
+    """The probability maps of 8-bit images at model size, and one row of :data:`QUALITY_SIGNALS` per image.
+
+    Three forward passes per image: the image as :func:`predict_arrays` sees it,
+    and the two :func:`test_time_views`. The probabilities returned are those of
+    the first pass, so a mask is the same as without the quality estimate.
+    """
+    with encoder_features(model) as features:
+        probs = predict_arrays(model, images)
+    views = np.stack([view for image in images for view in test_time_views(image)])  # both views of image 0, of image 1...
+    view_probs = predict_arrays(model, views).reshape(len(images), 2, *images.shape[1:])
+    rows = []
+    for p, (moved, blurred) in zip(probs, view_probs):
+        mask = p > 0.5
+        back = view_back([moved, blurred])
+        rows.append(dict(self_dice=self_dice(p), tta_dice=float(np.mean([dice_of(mask, b > 0.5) for b in back])),
+                         shape_fit=shape_fit(mask, quality)))
+    signals = pd.DataFrame(rows)
+    signals["feature_distance"] = feature_distance(np.concatenate(features), quality)
+    return probs, signals
+
+
+def _signal_matrix(signals: pd.DataFrame) -> np.ndarray:
+    """Signals on the scale the regression uses: log(1.001 - x) for the Dice-like ones."""
+    columns = [np.log(1.001 - signals[name].clip(0, 1)) if name != "feature_distance" else signals[name] for name in QUALITY_SIGNALS]
+    return np.stack(columns, axis=1).astype(np.float64)
+
+
+def fit_quality_model(
+    quality: QualityModel, signals: pd.DataFrame, dice: Sequence[float], groups: Sequence[str], coverage: float = 0.9, seed: int = SEED
+) -> QualityModel:
+    """Fit the Dice regression on half of the validation X-rays and its conformal margin on the other half.
+
+    ``signals``/``dice``: one row per validation prediction (clean and shifted);
+    ``groups``: the X-ray each row comes from, so that all views of one X-ray fall
+    in the same half. The margin is the :math:`\\lceil (n+1)\\,\\text{coverage} \\rceil`-th
+    smallest absolute residual of the calibration half (split conformal): for a new
+    X-ray like these, the interval holds its Dice with probability at least ``coverage``.
+    """
+    from sklearn.linear_model import LinearRegression
+
+    groups = np.asarray(groups)
+    names = np.unique(groups)
+    fit_names = np.random.default_rng(seed).permutation(names)[: len(names) // 2]
+    in_fit = np.isin(groups, fit_names)
+    features, target = _signal_matrix(signals), np.log(1.001 - np.clip(np.asarray(dice, np.float64), 0, 1))
+    regression = LinearRegression().fit(features[in_fit], target[in_fit])
+    residuals = np.sort(np.abs(target[~in_fit] - regression.predict(features[~in_fit])))
+    rank = min(len(residuals), math.ceil((len(residuals) + 1) * coverage))
+    return replace(quality, coef=regression.coef_, intercept=float(regression.intercept_),
+                               margin=float(residuals[rank - 1]), coverage=coverage)
+
+
+def estimate_quality(signals: pd.DataFrame, quality: QualityModel) -> pd.DataFrame:
+    """Estimated Dice, its conformal interval and the review flag, one row per row of ``signals``."""
+    if not np.isfinite(quality.margin):
+        raise LungsegConfigError("This quality model has no fitted regression: call fit_quality_model first.")
+    predicted = _signal_matrix(signals) @ quality.coef + quality.intercept
+    estimate = np.clip(1.001 - np.exp(predicted), 0, 1)
+    return pd.DataFrame(dict(
+        estimated_dice=estimate,
+        dice_low=np.clip(1.001 - np.exp(predicted + quality.margin), 0, 1),
+        dice_high=np.clip(1.001 - np.exp(predicted - quality.margin), 0, 1),
+        review=estimate < REVIEW_BELOW,
+    ), index=signals.index)
+
+
+def quality_file_for(checkpoint: str | os.PathLike) -> Path:
+    """Where the quality model of a checkpoint lives: ``quality.npz`` in the checkpoint's folder."""
+    return Path(checkpoint).with_name(QUALITY_FILE)
+
+
+def quality_model_of(model: nn.Module) -> QualityModel | None:
+    """The quality model saved beside the model's checkpoint (fit_quality_model), or None when there is none."""
+    checkpoint = getattr(model, "lungseg_checkpoint", None)
+    if getattr(model, "lungseg_quality", None) is None and checkpoint and quality_file_for(checkpoint).is_file():
+        model.lungseg_quality = QualityModel.load(quality_file_for(checkpoint))
+    return getattr(model, "lungseg_quality", None)
+
+
+class MaskQuality(NamedTuple):
+    """The quality estimate of one mask: estimated Dice, its conformal interval, the review flag and the signals."""
+
+    estimated_dice: float
+    dice_low: float
+    dice_high: float
+    review: bool
+    signals: dict[str, float]
+
+
+class Prediction(NamedTuple):
+    """What ``predict(..., with_quality=True)`` returns: the mask and its :class:`MaskQuality`."""
+
+    mask: np.ndarray
+    quality: MaskQuality
+
+
+def require_quality_model(model: nn.Module) -> QualityModel:
+    """The model's quality model, or a :class:`LungsegCheckpointError` saying how to fit one."""
+    quality = quality_model_of(model)
+    if quality is None:
+        where = getattr(model, "lungseg_checkpoint", None)
+        raise LungsegCheckpointError(
+            f"No quality model for {'checkpoint ' + str(where) if where else 'this model'}: fit one with chapter 07 or "
+            f"`python lungseg_utils.py fit-quality --checkpoint <best.pt>` (it writes {QUALITY_FILE} beside the checkpoint)."
+        )
+    return quality
+
+
+def quality_of(signals: pd.DataFrame, quality: QualityModel) -> list[MaskQuality]:
+    """One :class:`MaskQuality` per row of ``signals``."""
+    estimates = estimate_quality(signals, quality)
+    return [MaskQuality(float(e.estimated_dice), float(e.dice_low), float(e.dice_high), bool(e.review),
+                        {name: float(signals.loc[i, name]) for name in QUALITY_SIGNALS})
+            for i, e in estimates.iterrows()]
+
+
+def quality_benchmark(
+    model: nn.Module,
+    images: np.ndarray,
+    masks: np.ndarray,
+    names: Sequence[str],
+    quality: QualityModel,
+    shifts: Sequence[str] = SHIFTS,
+    severities: Sequence[int] = tuple(SEVERITIES),
+    seed: int = SEED,
+) -> pd.DataFrame:
+    """The quality signals and the true Dice of every prediction on clean X-rays and under the shifts.
+
+    One row per image, shift and severity (shift ``"none"``, severity 0: clean),
+    with the same shifted images as :func:`shift_benchmark` (image ``i`` gets seed
+    ``seed + i``): ``name``, ``shift``, ``severity``, ``dice``, ``warned``
+    (:func:`mask_warnings`), the :data:`QUALITY_SIGNALS` and ``seconds`` (the
+    time of the three passes per image).
+    """
+    fraction_range = model_lung_fraction_range(model)
+    conditions = [("none", 0)] + [(shift, severity) for shift in shifts for severity in severities]
+    frames = []
+    for shift, severity in conditions:
+        if shift == "none":
+            shifted_images, shifted_masks = images, masks
+        else:
+            pairs = [apply_shift(image, mask, shift, severity, seed=seed + i) for i, (image, mask) in enumerate(zip(images, masks))]
+            shifted_images, shifted_masks = (np.stack(parts) for parts in zip(*pairs))
+        started = time.perf_counter()
+        probs, signals = quality_signals(model, shifted_images, quality)
+        seconds = (time.perf_counter() - started) / len(images)
+        predictions = (probs > 0.5).astype(np.uint8)
+        signals.insert(0, "dice", dice_iou_per_image(predictions, shifted_masks)[0])
+        signals.insert(0, "severity", severity)
+        signals.insert(0, "shift", shift)
+        signals.insert(0, "name", list(names))
+        signals["warned"] = [bool(mask_warnings(p, image, fraction_range)) for p, image in zip(predictions, shifted_images)]
+        signals["seconds"] = seconds
+        frames.append(signals)
+    return pd.concat(frames, ignore_index=True)
+
+
+def fit_quality(
+    model: nn.Module, train_arrays: tuple[np.ndarray, np.ndarray], val_arrays: tuple[np.ndarray, np.ndarray],
+    val_names: Sequence[str], severities: Sequence[int] = tuple(SEVERITIES),
+) -> tuple[QualityModel, pd.DataFrame]:
+    """Fit a model's quality model: references from the training part, regression and margin on the validation part.
+
+    The validation X-rays are used clean and under every shift at ``severities``.
+    Returns the quality model and the validation benchmark it was fitted on.
+    """
+    quality = quality_references(model, *train_arrays)
+    benchmark = quality_benchmark(model, *val_arrays, val_names, quality, severities=severities)
+    return fit_quality_model(quality, benchmark, benchmark["dice"], benchmark["name"]), benchmark
+
+
+def _registration_view(image: np.ndarray) -> np.ndarray:
+    return cv2.resize(image.astype(np.float32), (SHAPE_SIZE, SHAPE_SIZE), interpolation=cv2.INTER_AREA)
+
+
+def rca_dice(image: np.ndarray, mask: np.ndarray, atlas_images: np.ndarray, atlas_masks: np.ndarray) -> float:
+    """Reverse classification accuracy (Valindria et al. 2017), single-atlas form: the best Dice the predicted mask reaches on references.
+
+    The X-ray is registered to each reference X-ray (an affine map, OpenCV's ECC,
+    at 64 px); its predicted mask is carried along and scored against that
+    reference's manual mask. If the mask is good, some reference that looks alike
+    gets a good mask from it, so the maximum over references tracks the true Dice.
+    """
+    query, moved_mask = _registration_view(image), _registration_view(mask)
+    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-4)
+    best = 0.0
+    for reference, reference_mask in zip(atlas_images, atlas_masks):
+        warp = np.eye(2, 3, dtype=np.float32)
+        with contextlib.suppress(cv2.error):  # no convergence: keep the identity map
+            _, warp = cv2.findTransformECC(_registration_view(reference), query, warp, cv2.MOTION_AFFINE, criteria, None, 5)
+        carried = cv2.warpAffine(moved_mask, warp, (SHAPE_SIZE, SHAPE_SIZE), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+        best = max(best, dice_of(carried > 0.5, _registration_view(reference_mask) > 0.5))
+    return best
+
+
+def auroc_interval(
+    bad: Sequence[bool], score: Sequence[float], groups: Sequence[str], n_bootstrap: int = 1000, seed: int = SEED
+) -> dict[str, float]:
+    """Area under the ROC curve of ``score`` (higher: more likely bad) for telling ``bad`` rows, with a 95% interval.
+
+    The interval is a percentile bootstrap that resamples whole X-rays (``groups``),
+    because the shifted copies of one X-ray are not independent.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    bad, score, groups = np.asarray(bad, bool), np.asarray(score, float), np.asarray(groups)
+    rows_of = [np.flatnonzero(groups == name) for name in np.unique(groups)]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_bootstrap):
+        rows = np.concatenate([rows_of[i] for i in rng.integers(0, len(rows_of), len(rows_of))])
+        if 0 < bad[rows].sum() < len(rows):
+            values.append(roc_auc_score(bad[rows], score[rows]))
+    low, high = np.percentile(values, [2.5, 97.5]) if values else (np.nan, np.nan)
+    auroc = roc_auc_score(bad, score) if 0 < bad.sum() < len(bad) else np.nan
+    return dict(auroc=float(auroc), low=float(low), high=float(high), n_bad=int(bad.sum()), n=len(bad))
+
+
+def review_curve(bad: Sequence[bool], score: Sequence[float], budgets: Sequence[float]) -> np.ndarray:
+    """Share of the ``bad`` masks a reader sees who reviews the ``budget`` share of masks with the highest ``score``."""
+    order = np.argsort(-np.asarray(score, float), kind="stable")
+    caught = np.cumsum(np.asarray(bad, bool)[order])
+    return np.array([caught[max(int(round(b * len(order))), 1) - 1] for b in budgets]) / max(caught[-1], 1)
 
 
 # The edge plumbing (downloads, decoder guards and DICOM, checkpoint files, the hub, the command line)

@@ -55,7 +55,8 @@ def test_batch_goes_on_names_every_failure_and_exits_non_zero(batch, tiny_checkp
     for name in ("good", "later"):
         written = cv2.imread(str(folder / "out" / f"{name}_mask.png"), cv2.IMREAD_UNCHANGED)
         assert written is not None and written.shape == L.decode_image(real_xray).shape and set(np.unique(written)) <= {0, 255}
-    assert re.fullmatch(r"2 done \([0-2] with warnings\), 6 failed, of 8 files\.", result.stdout.strip().splitlines()[-1])
+    assert re.fullmatch(r"2 done \([0-2] with warnings\), 6 failed, of 8 files; one row per file in out/predictions\.csv\.",
+                        result.stdout.strip().splitlines()[-1])
 
 
 def test_existing_masks_are_not_overwritten_without_force(batch, tiny_checkpoint, tmp_path):
