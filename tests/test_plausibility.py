@@ -88,4 +88,4 @@ def test_cli_prints_warnings_and_still_succeeds(tmp_path, real_xray, tiny_checkp
                              "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert any(line.startswith(f"WARNING {inverted}: ") and "looks inverted" in line for line in result.stderr.splitlines())
-    assert result.stdout.strip().splitlines()[-1] == "1 done (1 with warnings), 0 failed, of 1 files."
+    assert result.stdout.strip().splitlines()[-1].startswith("1 done (1 with warnings), 0 failed, of 1 files; one row per file in")
