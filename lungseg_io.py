@@ -822,7 +822,11 @@ def _cli_predict(args: argparse.Namespace) -> int:
         for reason in reasons:
             print(f"WARNING {shown}: {reason}", file=sys.stderr)
     table = _free_name(out, "predictions", ".csv")
-    write_atomically(table, lambda file: file.write(pd.DataFrame(rows).to_csv(index=False).encode()))
+    try:
+        write_atomically(table, lambda file: file.write(pd.DataFrame(rows).to_csv(index=False).encode("utf-8", "backslashreplace")))
+    except L.LungsegError as error:
+        failed += 1
+        print(f"FAILED {display_name(table)}: {error}", file=sys.stderr)
     review = f", {to_review} to review" if quality is not None else ""
     print(f"{done} done ({flagged} with warnings{review}), {failed} failed, of {len(args.images)} files; "
           f"one row per file in {display_name(table)}.")
