@@ -35,6 +35,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import itertools
 import math
 import os
 import platform
@@ -99,7 +100,7 @@ __all__ = [
     "tint", "overlay", "ERROR_COLOURS", "error_overlay", "error_legend", "overlay_png_bytes", "mask_png_bytes",
     "SegmentationApp",
     # 11. acquisition shifts
-    "SEVERITIES", "SHIFTS", "GEOMETRIC_SHIFTS", "apply_shift", "shift_benchmark", "summarize_shifts",
+    "SEVERITIES", "SHIFTS", "GEOMETRIC_SHIFTS", "apply_shift", "shift_benchmark", "shifted_copies", "summarize_shifts",
     # 12. when to distrust a mask
     "QUALITY_SIGNALS", "REVIEW_BELOW", "QUALITY_FILE", "SHAPE_SIZE", "dice_of", "self_dice", "test_time_views", "view_back",
     "encoder_features", "QualityModel", "quality_references", "shape_coefficients", "shape_fit", "feature_distance", "quality_signals",
@@ -2293,13 +2294,20 @@ def shift_benchmark(
 
     clean_dice, clean_warned = scored(images, masks)
     frames = [pd.DataFrame(dict(name=names, shift="none", severity=0, dice=clean_dice, clean_dice=clean_dice, warned=clean_warned))]
+    for shift, severity, shifted_images, shifted_masks in shifted_copies(images, masks, shifts, severities, seed):
+        dice, warned = scored(shifted_images, shifted_masks)
+        frames.append(pd.DataFrame(dict(name=names, shift=shift, severity=severity, dice=dice, clean_dice=clean_dice, warned=warned)))
+    return pd.concat(frames, ignore_index=True)
+
+
+def shifted_copies(
+    images: np.ndarray, masks: np.ndarray, shifts: Sequence[str], severities: Sequence[int], seed: int = SEED
+) -> Iterable[tuple[str, int, np.ndarray, np.ndarray]]:
+    """``(shift, severity, images, masks)`` for every shift and severity; image ``i`` gets seed ``seed + i`` (:func:`apply_shift`)."""
     for shift in shifts:
         for severity in severities:
             pairs = [apply_shift(image, mask, shift, severity, seed=seed + i) for i, (image, mask) in enumerate(zip(images, masks))]
-            shifted_images, shifted_masks = (np.stack(parts) for parts in zip(*pairs))
-            dice, warned = scored(shifted_images, shifted_masks)
-            frames.append(pd.DataFrame(dict(name=names, shift=shift, severity=severity, dice=dice, clean_dice=clean_dice, warned=warned)))
-    return pd.concat(frames, ignore_index=True)
+            yield shift, severity, *(np.stack(parts) for parts in zip(*pairs))
 
 
 def summarize_shifts(benchmark: pd.DataFrame, n_bootstrap: int = 2000) -> pd.DataFrame:
@@ -2598,14 +2606,9 @@ def quality_benchmark(
     time of the three passes per image).
     """
     fraction_range = model_lung_fraction_range(model)
-    conditions = [("none", 0)] + [(shift, severity) for shift in shifts for severity in severities]
     frames = []
-    for shift, severity in conditions:
-        if shift == "none":
-            shifted_images, shifted_masks = images, masks
-        else:
-            pairs = [apply_shift(image, mask, shift, severity, seed=seed + i) for i, (image, mask) in enumerate(zip(images, masks))]
-            shifted_images, shifted_masks = (np.stack(parts) for parts in zip(*pairs))
+    conditions = itertools.chain([("none", 0, images, masks)], shifted_copies(images, masks, shifts, severities, seed))
+    for shift, severity, shifted_images, shifted_masks in conditions:  # one condition in memory at a time
         started = time.perf_counter()
         probs, signals = quality_signals(model, shifted_images, quality)
         seconds = (time.perf_counter() - started) / len(images)
