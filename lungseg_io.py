@@ -732,11 +732,16 @@ def _cli_train(args: argparse.Namespace) -> None:
     base = L.TrainConfig.quick() if args.quick else L.TrainConfig.for_mode()
     config = replace(
         base, image_size=args.size or base.image_size, epochs=args.epochs or base.epochs, lr=args.lr,
+        batch_size=args.batch_size or base.batch_size,
         schedule=args.schedule, weights=None if args.weights == "none" else args.weights,
     )
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not args.out:
+        raise L.LungsegConfigError("Under torchrun, name the run folder with --out: every process must write to the same one.")
     split = L.quick_subset(L.three_way_split(table), config.max_images)
     arrays = {k: L.load_arrays(v, config.image_size) for k, v in split.items()}
     result = L.train(arrays["train"], arrays["val"], args.out or L.unique_run_dir(), config, resume=args.resume)
+    if L.torch.distributed.is_initialized() and L.torch.distributed.get_rank() > 0:
+        return  # rank 0 scores the model and reports
     for part in ("val", "test"):
         scores, probs, masks = L.evaluate(result.model, split[part], config.image_size, original_resolution=False)
         writeup_style = L.writeup_batch_dice(probs, masks)
@@ -862,6 +867,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer.add_argument("--out", default=None, help="new run folder (default runs/run-<time>)")
     trainer.add_argument("--size", type=int, default=None)
     trainer.add_argument("--epochs", type=int, default=None)
+    trainer.add_argument("--batch-size", type=int, default=None,
+                         help=f"global batch (default {L.TrainConfig.batch_size}); under torchrun it is shared among the processes")
     trainer.add_argument("--lr", type=float, default=L.TrainConfig.lr, help=f"peak learning rate (default {L.TrainConfig.lr})")
     trainer.add_argument("--schedule", default=L.TrainConfig.schedule, choices=["constant", "onecycle"])
     trainer.add_argument("--weights", default="none", help="none (default: from scratch, as chapter 03), imagenet or a weights file")

@@ -88,7 +88,7 @@ __all__ = [
     # 6. loss and metrics
     "DiceBCELoss", "dice_iou_per_image", "dataset_dice", "writeup_batch_dice", "hausdorff95",
     # 7. training
-    "TrainResult", "learning_rate_schedule", "run_epoch", "train", "save_checkpoint", "load_checkpoint",
+    "TrainResult", "learning_rate_schedule", "run_epoch", "train", "start_distributed", "save_checkpoint", "load_checkpoint",
     "plot_history", "CHAPTER_RUN_DIR", "DRIVE_CHECKPOINT", "find_checkpoint", "describe_augmentation",
     "describe_model", "load_chapter_model", "temporary_run_dir", "unique_run_dir",
     # 8. evaluation
@@ -1346,6 +1346,10 @@ def run_epoch(
             loss_sum += loss.item() * len(images)
             count += len(images)
             bar.set_postfix(loss=f"{loss_sum / count:.4f}")
+    if torch.distributed.is_initialized():  # under torchrun: the sums of every process
+        totals = torch.tensor([loss_sum, dice_sum, count], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(totals)
+        loss_sum, dice_sum, count = totals.tolist()
     count = max(count, 1)
     return {"loss": loss_sum / count} if training else {"loss": loss_sum / count, "dice": dice_sum / count}
 
@@ -1370,48 +1374,64 @@ def train(
     run_dir = Path(run_dir)
     check_arrays(*train_arrays, image_size=config.image_size)
     check_arrays(*val_arrays, image_size=config.image_size)
-    state = _open_run(run_dir, config, resume)
+    rank, world = start_distributed(config)
+    state = _open_run(run_dir, config, resume) if rank == 0 else None
+    if world > 1:  # the other processes read the run rank 0 checked
+        torch.distributed.barrier()
+        state = lungseg_io.read_checkpoint(run_dir / "last.pt") if rank and resume and (run_dir / "last.pt").is_file() else state
     device = pick_device(config.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     amp_dtype = autocast_dtype(device) if config.mixed_precision else None
     seed_everything(config.seed)
     model = build_model(config.encoder, config.weights, config.skip_connections)
     model = model.to(device).to(memory_format=torch.channels_last)
-    train_loader, val_loader = _data_loaders(train_arrays, val_arrays, config, device)
+    train_loader, val_loader = _data_loaders(train_arrays, val_arrays, config, device, rank, world)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = _make_scheduler(optimizer, config, len(train_loader))
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     loss_fn = DiceBCELoss(bce_weight=config.bce_weight, dice_weight=config.dice_weight)
-    progress = _restore(state, run_dir, model, optimizer, scheduler, scaler)
-    print(f"Training on {device} ({amp_dtype or 'fp32'}), {len(train_arrays[0])} train / "
-          f"{len(val_arrays[0])} val images at {config.image_size}px, weights: {model.lungseg_config['weights']}")
+    progress = _restore(state, run_dir, model, optimizer, scheduler, scaler, write=rank == 0)
+    # under torchrun, DistributedDataParallel averages the gradients of all processes after each backward pass
+    network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    say = print if rank == 0 else (lambda *args, **kwargs: None)
+    say(f"Training on {device} ({amp_dtype or 'fp32'}){f' x {world} processes' if world > 1 else ''}, {len(train_arrays[0])} train / "
+        f"{len(val_arrays[0])} val images at {config.image_size}px, weights: {model.lungseg_config['weights']}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     while progress.epoch < config.epochs and progress.stale_epochs < config.patience:
         epoch = progress.epoch + 1
-        seed_everything(config.seed + epoch)
-        train_loader.dataset.transform.set_random_seed(config.seed + epoch)
+        seed_everything(config.seed + epoch + 1000 * rank)
+        train_loader.dataset.transform.set_random_seed(config.seed + epoch + 1000 * rank)
+        if world > 1:
+            train_loader.sampler.set_epoch(epoch)
         epoch_start = time.perf_counter()
-        train_loss = run_epoch(model, train_loader, loss_fn=loss_fn, device=device, amp_dtype=amp_dtype,
+        train_loss = run_epoch(network, train_loader, loss_fn=loss_fn, device=device, amp_dtype=amp_dtype,
                                optimizer=optimizer, scheduler=scheduler, scaler=scaler, desc=f"epoch {epoch} train")["loss"]
         train_seconds = time.perf_counter() - epoch_start
-        val = run_epoch(model, val_loader, loss_fn=loss_fn, device=device, amp_dtype=amp_dtype, desc=f"epoch {epoch} val")
+        val = run_epoch(network, val_loader, loss_fn=loss_fn, device=device, amp_dtype=amp_dtype, desc=f"epoch {epoch} val")
         record = dict(epoch=epoch, train_loss=train_loss, val_loss=val["loss"], val_dice=val["dice"],
                       lr=optimizer.param_groups[0]["lr"], epoch_seconds=time.perf_counter() - epoch_start,
                       train_images_per_s=len(train_loader.dataset) / train_seconds)
         improved = progress.add(record)
-        _save_epoch(run_dir, model, config, progress, improved, optimizer, scheduler, scaler, train_arrays[1])
-        print(f"epoch {epoch:2d}  train loss {train_loss:.4f}  val loss {val['loss']:.4f}  val Dice {val['dice']:.4f}  "
+        if rank == 0:  # one writer: the checkpoints and history are rank 0's
+            _save_epoch(run_dir, model, config, progress, improved, optimizer, scheduler, scaler, train_arrays[1])
+        say(f"epoch {epoch:2d}  train loss {train_loss:.4f}  val loss {val['loss']:.4f}  val Dice {val['dice']:.4f}  "
               f"{record['epoch_seconds']:.0f}s  {record['train_images_per_s']:.1f} img/s{'  *best*' if improved else ''}")
         if on_epoch_end is not None:
             on_epoch_end(record)
     wall = time.perf_counter() - started
     if progress.stale_epochs >= config.patience:
-        print(f"Early stopping: no better validation loss for {config.patience} epochs.")
+        say(f"Early stopping: no better validation loss for {config.patience} epochs.")
     history = pd.DataFrame(progress.history)
     import matplotlib.pyplot as plt
 
-    plt.close(plot_history(history, run_dir / "curves.png"))
+    if rank == 0:
+        plt.close(plot_history(history, run_dir / "curves.png"))
+    if world > 1:
+        torch.distributed.barrier()  # best.pt is complete before any process reads it
     extra = {"peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9} if device.type == "cuda" else {}
     best_model = load_checkpoint(run_dir / "best.pt", device)
     return TrainResult(best_model, history, run_dir, progress.best_epoch, progress.best_val_loss, wall, str(device), extra)
@@ -1507,16 +1527,51 @@ def _open_run(run_dir: Path, config: TrainConfig, resume: bool) -> dict | None:
 
 
 def _data_loaders(
-    train_arrays: tuple[np.ndarray, np.ndarray], val_arrays: tuple[np.ndarray, np.ndarray], config: TrainConfig, device: torch.device
+    train_arrays: tuple[np.ndarray, np.ndarray], val_arrays: tuple[np.ndarray, np.ndarray], config: TrainConfig,
+    device: torch.device, rank: int = 0, world: int = 1,
 ) -> tuple[DataLoader, DataLoader]:
-    """Shuffled, augmented training batches and plain validation batches."""
+    """Shuffled, augmented training batches and plain validation batches.
+
+    Under torchrun (``world`` processes) each process takes ``batch_size / world``
+    images of every batch of ``batch_size`` (a DistributedSampler), so the global
+    batch, the steps per epoch and the schedule are those of one process; the
+    validation images are dealt out ``rank, rank + world, ...``.
+    """
+    from torch.utils.data import Subset
+    from torch.utils.data.distributed import DistributedSampler
+
     train_set = LungDataset(*train_arrays, train_transforms(config), equalize=config.equalize)
+    val_set = LungDataset(*val_arrays, equalize=config.equalize)
+    drop_last = len(train_set) > config.batch_size
+    sampler = None
+    if world > 1:
+        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=config.seed, drop_last=drop_last)
+        val_set = Subset(val_set, range(rank, len(val_set), world))
     train_loader = DataLoader(
-        train_set, batch_size=config.batch_size, shuffle=True, drop_last=len(train_set) > config.batch_size,
+        train_set, batch_size=config.batch_size // world, shuffle=sampler is None, sampler=sampler, drop_last=drop_last,
         num_workers=config.num_workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
     )
-    val_set = LungDataset(*val_arrays, equalize=config.equalize)
     return train_loader, DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers)
+
+
+def start_distributed(config: TrainConfig) -> tuple[int, int]:
+    """``(rank, world size)``: ``(0, 1)`` for a plain run; under ``torchrun``, joins its process group.
+
+    The backend is NCCL on GPUs and gloo on CPUs. ``config.batch_size`` stays the
+    global batch, so it must divide by the number of processes.
+    """
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    if config.batch_size % world:
+        raise LungsegConfigError(
+            f"batch_size {config.batch_size} does not divide among {world} processes: use a multiple of {world} "
+            "(it is the global batch; each process takes batch_size / processes images)."
+        )
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and pick_device(config.device).type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend)
+    return torch.distributed.get_rank(), world
 
 
 def _write_history(run_dir: Path, history: list[dict]) -> None:
@@ -1525,8 +1580,8 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
     lungseg_io.write_atomically(run_dir / "history.csv", lambda file: file.write(table))
 
 
-def _restore(state: dict | None, run_dir: Path, model: nn.Module, optimizer, scheduler, scaler) -> _Progress:
-    """Load a resumed run's weights and optimiser state; a new run starts from nothing."""
+def _restore(state: dict | None, run_dir: Path, model: nn.Module, optimizer, scheduler, scaler, write: bool = True) -> _Progress:
+    """Load a resumed run's weights and optimiser state; a new run starts from nothing (``write``: rank 0 rewrites the history)."""
     if state is None:
         return _Progress()
     model.load_state_dict(state["model_state"])
@@ -1536,8 +1591,9 @@ def _restore(state: dict | None, run_dir: Path, model: nn.Module, optimizer, sch
     if scaler is not None and state.get("scaler_state"):
         scaler.load_state_dict(state["scaler_state"])
     progress = _Progress(state["epoch"], state["best_val_loss"], state["best_epoch"], state["stale_epochs"], list(state["history"]))
-    _write_history(run_dir, progress.history)  # last.pt is the reference
-    print(f"Resuming {run_dir.name} after epoch {progress.epoch} (best so far: epoch {progress.best_epoch}).")
+    if write:
+        _write_history(run_dir, progress.history)  # last.pt is the reference
+        print(f"Resuming {run_dir.name} after epoch {progress.epoch} (best so far: epoch {progress.best_epoch}).")
     return progress
 
 
