@@ -1,4 +1,4 @@
-"""The model the later chapters use: find_checkpoint, load_chapter_model, the quick fallback model and Google Drive."""
+"""The model the later chapters use: find_checkpoint, load_chapter_model, the fast lane, the quick model and Google Drive."""
 from __future__ import annotations
 
 import os
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lungseg_utils as L
-from conftest import REPO, naming, write_kaggle_layout
+from conftest import REPO, naming, tiny_arrays, tiny_config, write_kaggle_layout
 
 
 def test_find_checkpoint_prefers_argument_then_environment(tiny_checkpoint, tmp_path, monkeypatch):
@@ -62,7 +62,8 @@ def test_quick_fallback_model_folder_is_removed_when_python_exits(tmp_path):
         "print('SAID', said)\n"
     )
     # No GPU either: with one, load_chapter_model would train chapter 03's full recipe instead of the quick model.
-    env = {**os.environ, "TMPDIR": str(scratch), "LUNGSEG_CACHE_DIR": str(tmp_path / "cache"), "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "TMPDIR": str(scratch), "LUNGSEG_CACHE_DIR": str(tmp_path / "cache"), "CUDA_VISIBLE_DEVICES": "",
+           "LUNGSEG_QUICK": "1"}  # in full mode a CPU trains the fast lane instead
     env.pop("LUNGSEG_CHECKPOINT", None)
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -88,6 +89,7 @@ def no_checkpoint(tmp_path, monkeypatch):
     monkeypatch.delenv("LUNGSEG_CHECKPOINT", raising=False)
     monkeypatch.setattr(L, "CHAPTER_RUN_DIR", tmp_path / "runs" / "dicebce-256px")
     monkeypatch.setattr(L, "DRIVE_CHECKPOINT", tmp_path / "drive" / "best.pt")
+    monkeypatch.setattr(L, "FAST_RUN_DIR", tmp_path / "runs" / "fast-resnet18-128px")
     monkeypatch.setattr(L, "load_arrays", lambda rows, size, *a, **k: (np.zeros((len(rows), size, size), np.uint8),) * 2)
     calls = []
     monkeypatch.setattr(L, "train", fake_train(calls))
@@ -105,8 +107,46 @@ def test_without_checkpoint_a_gpu_trains_chapter_03s_recipe_and_says_so(no_check
     assert "trained just now by this chapter" in said
 
 
-def test_without_checkpoint_a_cpu_shows_a_banner_and_trains_the_quick_model(no_checkpoint, monkeypatch, real_data_dir, capsys):
+def test_without_checkpoint_a_cpu_trains_the_fast_lane_on_every_xray_and_says_so(no_checkpoint, monkeypatch, real_data_dir, capsys):
     monkeypatch.setattr(L, "pick_device", lambda preferred=None: torch.device("cpu"))
+    monkeypatch.setenv("LUNGSEG_QUICK", "0")
+    model, said = L.load_chapter_model(real_data_dir)
+    call = no_checkpoint[0]
+    assert call["run_dir"] == L.FAST_RUN_DIR and not call["resume"]
+    assert call["n_train"] == len(L.three_way_split(L.build_pairs_table(real_data_dir))["train"]), "every training X-ray"
+    assert (call["config"].encoder, call["config"].image_size, call["config"].epochs) == ("resnet18", 128, 12)
+    assert asdict(call["config"]) == asdict(L.TrainConfig.fast())
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and "training the fast lane" in printed[0] and "chapter 03's model" in printed[0]
+    assert "the fast lane" in said and "NO TRAINED MODEL" not in said
+
+
+def test_a_finished_fast_lane_run_is_loaded_and_an_interrupted_one_resumed(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("LUNGSEG_CHECKPOINT", raising=False)
+    monkeypatch.setenv("LUNGSEG_QUICK", "0")
+    monkeypatch.setattr(L, "CHAPTER_RUN_DIR", tmp_path / "runs" / "dicebce-256px")
+    monkeypatch.setattr(L, "DRIVE_CHECKPOINT", tmp_path / "drive" / "best.pt")
+    monkeypatch.setattr(L, "FAST_RUN_DIR", tmp_path / "runs" / "fast-resnet18-128px")
+    monkeypatch.setattr(L, "pick_device", lambda preferred=None: torch.device("cpu"))
+    L.train(tiny_arrays(8), tiny_arrays(4, seed=1), L.FAST_RUN_DIR, tiny_config(epochs=1))
+    capsys.readouterr()
+    calls = []
+    monkeypatch.setattr(L, "train", fake_train(calls))
+    monkeypatch.setattr(L.TrainConfig, "fast", classmethod(lambda cls, **overrides: tiny_config(epochs=1)))
+    model, said = L.load_chapter_model()
+    assert not calls and not capsys.readouterr().out, "a finished run is loaded silently, not trained again"
+    assert said.startswith("checkpoint fast-resnet18-128px/best.pt") and "the fast lane" in said
+    monkeypatch.setattr(L.TrainConfig, "fast", classmethod(lambda cls, **overrides: tiny_config(epochs=2)))
+    monkeypatch.setattr(L, "build_pairs_table", lambda data_dir=None: pd.DataFrame())
+    monkeypatch.setattr(L, "three_way_split", lambda table: {"train": table, "val": table})
+    monkeypatch.setattr(L, "load_arrays", lambda rows, size, *a, **k: tiny_arrays(4, size))
+    L.load_chapter_model()
+    assert calls and calls[0]["resume"] and calls[0]["run_dir"] == L.FAST_RUN_DIR, "one epoch of two: resumed"
+
+
+def test_without_checkpoint_a_cpu_in_quick_mode_shows_a_banner_and_trains_the_quick_model(no_checkpoint, monkeypatch, real_data_dir, capsys):
+    monkeypatch.setattr(L, "pick_device", lambda preferred=None: torch.device("cpu"))
+    monkeypatch.setenv("LUNGSEG_QUICK", "1")
     model, said = L.load_chapter_model(real_data_dir)
     call = no_checkpoint[0]
     quick_split = L.quick_subset(L.three_way_split(L.build_pairs_table(real_data_dir)), L.TrainConfig.quick().max_images)
