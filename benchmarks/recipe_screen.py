@@ -69,6 +69,8 @@ CANDIDATES: dict[str, dict] = {  # each written out in full: the defaults of Tra
     "travel_constant_lr": TRAVEL | dict(schedule="constant"),  # Adam at 1e-3 throughout: --against travel
     "travel_equalized": TRAVEL | dict(equalize=True),  # chapter 03's recipe: CLAHE on every image, training and prediction
     "travel_equalized_rotate15": TRAVEL | dict(equalize=True, rotate_limit=15),  # the two that won two seeds, combined
+    # the loss's weighting (loss = bce_weight * BCE + dice_weight * Dice loss, 1 and 1 by default): --against travel_equalized
+    "travel_equalized_dice_heavy": TRAVEL | dict(equalize=True, bce_weight=0.5, dice_weight=1.5),
 }
 RECIPE_FIELDS = tuple(TRAVEL)
 
