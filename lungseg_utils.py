@@ -1736,15 +1736,15 @@ def describe_model(model: nn.Module, checkpoint: Path) -> str:
             + (", every input equalised with CLAHE" if c.get("equalize") else ""))
 
 
-def fallback_recipe(device: torch.device) -> tuple[TrainConfig, Path] | None:
-    """What :func:`load_chapter_model` trains without a checkpoint, and where.
+def fallback_recipe(device: torch.device) -> tuple[TrainConfig, Path, str] | None:
+    """What :func:`load_chapter_model` trains without a checkpoint, where, and its name.
 
     Chapter 03's recipe on a CUDA GPU, the fast lane (:meth:`TrainConfig.fast`)
     on a CPU, and None on a CPU in quick mode (CI), where the quick model is trained.
     """
     if device.type == "cuda":
-        return TrainConfig(), CHAPTER_RUN_DIR
-    return None if is_quick_mode() else (TrainConfig.fast(), FAST_RUN_DIR)
+        return TrainConfig(), CHAPTER_RUN_DIR, "chapter 03's recipe"
+    return None if is_quick_mode() else (TrainConfig.fast(), FAST_RUN_DIR, "the fast lane (resnet18)")
 
 
 def run_finished(run_dir: Path, config: TrainConfig) -> bool:
@@ -1774,19 +1774,20 @@ def load_chapter_model(
     recipe = fallback_recipe(device)
     if recipe is None:
         return _quick_model(data_dir, device)
-    config, run_dir = recipe
-    lane = "" if run_dir == CHAPTER_RUN_DIR else " (the fast lane: run chapter 03 for the chapter's model)"
+    config, run_dir, name = recipe
+    fast_lane = run_dir != CHAPTER_RUN_DIR
+    note = " (the fast lane: run chapter 03 for the chapter's model)" if fast_lane else ""
     if run_finished(run_dir, config):
         model = load_checkpoint(run_dir / "best.pt", device)
-        return model, describe_model(model, run_dir / "best.pt") + lane
-    what = "chapter 03's recipe" if run_dir == CHAPTER_RUN_DIR else f"the fast lane ({config.encoder})"
-    print(f"No chapter 03 checkpoint: training {what} on this {'GPU' if device.type == 'cuda' else device.type.upper()} now ({config.epochs} epochs at "
-          f"{config.image_size}px) into runs/{run_dir.name}/."
-          + (" Its scores are a little below the stored ones, made by chapter 03's model." if lane else ""))
+        return model, describe_model(model, run_dir / "best.pt") + note
+    print(f"No chapter 03 checkpoint: training {name} on this {'GPU' if device.type == 'cuda' else device.type.upper()} "
+          f"now ({config.epochs} epochs at {config.image_size}px) into runs/{run_dir.name}/."
+          + (" Its scores are a little below the stored ones, made by chapter 03's model." if fast_lane else ""))
     split = three_way_split(build_pairs_table(data_dir))
     result = train(load_arrays(split["train"], config.image_size), load_arrays(split["val"], config.image_size),
                    run_dir, config, resume=(run_dir / "last.pt").is_file())
-    return result.model, describe_model(result.model, run_dir / "best.pt") + " (trained just now by this chapter)" + lane
+    trained = " (the fast lane, trained just now by this chapter)" if fast_lane else " (trained just now by this chapter)"
+    return result.model, describe_model(result.model, run_dir / "best.pt") + trained
 
 
 def _quick_model(data_dir: str | os.PathLike | None, device: torch.device) -> tuple[nn.Module, str]:
