@@ -81,10 +81,10 @@ __all__ = [
     "IMAGE_SUFFIXES", "DICOM_SUFFIXES", "to_uint8_range", "to_gray_uint8", "decode_image", "read_mask", "read_pair",
     "resize_image", "resize_mask", "default_cache_dir", "cached_sample", "load_arrays",
     # 4. augmentation and dataset
-    "IMAGENET_MEAN", "IMAGENET_STD", "SimulatedOpacity", "train_transforms", "equalize_contrast", "image_to_tensor",
+    "IMAGENET_MEAN", "IMAGENET_STD", "SimulatedOpacity", "train_transforms", "fired_transforms", "equalize_contrast", "image_to_tensor",
     "LungDataset", "check_arrays", "seed_worker",
     # 5. model
-    "build_model", "count_parameters",
+    "ARCHITECTURES", "build_model", "count_parameters",
     # 6. loss and metrics
     "DiceBCELoss", "dice_iou_per_image", "dataset_dice", "writeup_batch_dice", "hausdorff95",
     # 7. training
@@ -235,6 +235,7 @@ class TrainConfig:
     """
 
     encoder: str = "resnet34"
+    architecture: str = "unet"  # or "unetplusplus" (smp's UNet++: nested, denser skip connections)
     weights: str | None = None  # None (from scratch), "imagenet" or a weights file
     image_size: int = 256
     epochs: int = 20
@@ -254,6 +255,7 @@ class TrainConfig:
     equalize: bool = True  # CLAHE on every image, in training and at prediction time
     bce_weight: float = 1.0  # loss = bce_weight * BCE + dice_weight * Dice loss
     dice_weight: float = 1.0
+    ema_decay: float = 0.0  # > 0: validate and keep an exponential moving average of the weights (this decay per step)
     skip_connections: bool = True
     device: str | None = None  # None: the best available (pick_device)
     mixed_precision: bool = True
@@ -1042,6 +1044,18 @@ def train_transforms(config: TrainConfig | None = None) -> A.Compose:
     return A.Compose(steps)
 
 
+def fired_transforms(replay: dict) -> list[str]:
+    """The names of the transforms that fired in one call of an ``A.ReplayCompose``, from its ``"replay"`` record.
+
+    A ``OneOf`` that fired is named by the transform it chose.
+    """
+    names = []
+    for step in replay.get("transforms", []):
+        if step.get("applied"):
+            names += fired_transforms(step) or [step["__class_fullname__"].rsplit(".", 1)[-1]]
+    return names
+
+
 def equalize_contrast(image: np.ndarray) -> np.ndarray:
     """Contrast normalisation of an 8-bit gray image: CLAHE with OpenCV's usual clip limit 2 on 8x8 tiles.
 
@@ -1137,12 +1151,16 @@ def _zero_skips(module: nn.Module, inputs, features: list[torch.Tensor]) -> list
     return [torch.zeros_like(f) for f in features[:-1]] + [features[-1]]
 
 
+ARCHITECTURES = {"unet": smp.Unet, "unetplusplus": smp.UnetPlusPlus}
+
+
 def build_model(
     encoder: str = "resnet34",
     weights: str | os.PathLike | None = "imagenet",
     skip_connections: bool = True,
-) -> smp.Unet:
-    """A U-Net with the given encoder, 3 input channels and one output (lung logits).
+    architecture: str = "unet",
+) -> nn.Module:
+    """A U-Net (or ``architecture="unetplusplus"``) with the given encoder, 3 input channels and one output (lung logits).
 
     ``weights``: ``"imagenet"`` (from the Hugging Face cache or the hub; where
     neither can be reached, random initialization with one warning), ``None``
@@ -1150,7 +1168,9 @@ def build_model(
     ``skip_connections=False`` zeroes the encoder's skip features (same
     parameters, no shortcut), for the ablation in chapter 02.
     """
-    model = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=3, classes=1)
+    if architecture not in ARCHITECTURES:
+        raise LungsegConfigError(f"Unknown architecture {architecture!r}: choose one of {', '.join(ARCHITECTURES)}.")
+    model = ARCHITECTURES[architecture](encoder_name=encoder, encoder_weights=None, in_channels=3, classes=1)
     loaded = None
     if weights == "imagenet":
         loaded = lungseg_io.load_imagenet_encoder(model, encoder)
@@ -1159,7 +1179,7 @@ def build_model(
         loaded = str(weights)
     if not skip_connections:
         model.encoder.register_forward_hook(_zero_skips)
-    model.lungseg_config = dict(encoder=encoder, skip_connections=skip_connections, weights=loaded)
+    model.lungseg_config = dict(encoder=encoder, architecture=architecture, skip_connections=skip_connections, weights=loaded)
     return model
 
 
@@ -1390,14 +1410,15 @@ def train(
         torch.cuda.set_device(device)
     amp_dtype = autocast_dtype(device) if config.mixed_precision else None
     seed_everything(config.seed)
-    model = build_model(config.encoder, config.weights, config.skip_connections)
+    model = build_model(config.encoder, config.weights, config.skip_connections, config.architecture)
     model = model.to(device).to(memory_format=torch.channels_last)
     train_loader, val_loader = _data_loaders(train_arrays, val_arrays, config, device, rank, world)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    averaged = _moving_average(model, optimizer, config.ema_decay)
     scheduler = _make_scheduler(optimizer, config, len(train_loader))
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     loss_fn = DiceBCELoss(bce_weight=config.bce_weight, dice_weight=config.dice_weight)
-    progress = _restore(state, run_dir, model, optimizer, scheduler, scaler, write=rank == 0)
+    progress = _restore(state, run_dir, model, optimizer, scheduler, scaler, averaged, write=rank == 0)
     # under torchrun, DistributedDataParallel averages the gradients of all processes after each backward pass
     network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     say = print if rank == 0 else (lambda *args, **kwargs: None)
@@ -1416,13 +1437,13 @@ def train(
         train_loss = run_epoch(network, train_loader, loss_fn=loss_fn, device=device, amp_dtype=amp_dtype,
                                optimizer=optimizer, scheduler=scheduler, scaler=scaler, desc=f"epoch {epoch} train")["loss"]
         train_seconds = time.perf_counter() - epoch_start
-        val = run_epoch(network, val_loader, loss_fn=loss_fn, device=device, amp_dtype=amp_dtype, desc=f"epoch {epoch} val")
+        val = run_epoch(network if averaged is None else averaged.module, val_loader, loss_fn=loss_fn, device=device, amp_dtype=amp_dtype, desc=f"epoch {epoch} val")
         record = dict(epoch=epoch, train_loss=train_loss, val_loss=val["loss"], val_dice=val["dice"],
                       lr=optimizer.param_groups[0]["lr"], epoch_seconds=time.perf_counter() - epoch_start,
                       train_images_per_s=len(train_loader.dataset) / train_seconds)
         improved = progress.add(record)
         if rank == 0:  # one writer: the checkpoints and history are rank 0's
-            _save_epoch(run_dir, model, config, progress, improved, optimizer, scheduler, scaler, train_arrays[1])
+            _save_epoch(run_dir, model, config, progress, improved, optimizer, scheduler, scaler, train_arrays[1], averaged)
         say(f"epoch {epoch:2d}  train loss {train_loss:.4f}  val loss {val['loss']:.4f}  val Dice {val['dice']:.4f}  "
               f"{record['epoch_seconds']:.0f}s  {record['train_images_per_s']:.1f} img/s{'  *best*' if improved else ''}")
         if on_epoch_end is not None:
@@ -1585,11 +1606,28 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
     lungseg_io.write_atomically(run_dir / "history.csv", lambda file: file.write(table))
 
 
-def _restore(state: dict | None, run_dir: Path, model: nn.Module, optimizer, scheduler, scaler, write: bool = True) -> _Progress:
+def _moving_average(model: nn.Module, optimizer: torch.optim.Optimizer, decay: float) -> nn.Module | None:
+    """With ``decay > 0``: an exponential moving average of ``model``'s weights and BatchNorm statistics, updated
+    after every optimiser step (``avg = decay * avg + (1 - decay) * weights``); else None."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    optimizer.register_step_post_hook(lambda *_: averaged.update_parameters(model))
+    return averaged
+
+
+def _restore(
+    state: dict | None, run_dir: Path, model: nn.Module, optimizer, scheduler, scaler, averaged: nn.Module | None = None,
+    write: bool = True,
+) -> _Progress:
     """Load a resumed run's weights and optimiser state; a new run starts from nothing (``write``: rank 0 rewrites the history)."""
     if state is None:
         return _Progress()
     model.load_state_dict(state["model_state"])
+    if averaged is not None:
+        averaged.load_state_dict(state["average_state"])
     optimizer.load_state_dict(state["optimizer_state"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler_state"])
@@ -1604,16 +1642,17 @@ def _restore(state: dict | None, run_dir: Path, model: nn.Module, optimizer, sch
 
 def _save_epoch(
     run_dir: Path, model: nn.Module, config: TrainConfig, progress: _Progress, improved: bool,
-    optimizer, scheduler, scaler, train_masks: np.ndarray,
+    optimizer, scheduler, scaler, train_masks: np.ndarray, averaged: nn.Module | None = None,
 ) -> None:
-    """After an epoch: ``best.pt`` if it improved, then ``last.pt`` and ``history.csv``."""
+    """After an epoch: ``best.pt`` if it improved (the moving average's weights, when kept), then ``last.pt`` and ``history.csv``."""
     if improved:
-        save_checkpoint(run_dir / "best.pt", model, config, epoch=progress.epoch, val_loss=progress.best_val_loss,
+        save_checkpoint(run_dir / "best.pt", model if averaged is None else averaged.module, config, epoch=progress.epoch, val_loss=progress.best_val_loss,
                         weights_loaded=str(model.lungseg_config["weights"]), lung_fraction_range=lung_fraction_range(train_masks))
     save_checkpoint(
         run_dir / "last.pt", model, config, epoch=progress.epoch, optimizer_state=optimizer.state_dict(),
         scheduler_state=scheduler.state_dict() if scheduler is not None else {},
         scaler_state=scaler.state_dict() if scaler is not None else {},
+        average_state=averaged.state_dict() if averaged is not None else {},
         best_val_loss=progress.best_val_loss, best_epoch=progress.best_epoch, stale_epochs=progress.stale_epochs,
         history=progress.history,
     )
@@ -1646,12 +1685,13 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     path = Path(path)
     payload = lungseg_io.read_checkpoint(path)
     config = lungseg_io.checked_config(path, payload)
-    model = build_model(config["encoder"], weights=None, skip_connections=config.get("skip_connections", True))
+    model = build_model(config["encoder"], weights=None, skip_connections=config.get("skip_connections", True),
+                        architecture=config.get("architecture", "unet"))
     try:
         model.load_state_dict(payload["model_state"])
     except (RuntimeError, TypeError, AttributeError) as error:
         raise LungsegCheckpointError(
-            f"{path}: weights do not fit a U-Net with encoder {config['encoder']!r} "
+            f"{path}: weights do not fit a {config.get('architecture', 'unet')} with encoder {config['encoder']!r} "
             f"(checkpoint of another architecture?): {str(error).splitlines()[0]}"
         ) from None
     model.lungseg_config = {**config, "weights_loaded": payload.get("weights_loaded", "unknown"), "epoch": payload.get("epoch"),

@@ -71,6 +71,10 @@ CANDIDATES: dict[str, dict] = {  # each written out in full: the defaults of Tra
     "travel_equalized_rotate15": TRAVEL | dict(equalize=True, rotate_limit=15),  # the two that won two seeds, combined
     # the loss's weighting (loss = bce_weight * BCE + dice_weight * Dice loss, 1 and 1 by default): --against travel_equalized
     "travel_equalized_dice_heavy": TRAVEL | dict(equalize=True, bce_weight=0.5, dice_weight=1.5),
+    # the other levers of the full-model screen, each --against travel_equalized
+    "travel_equalized_30_epochs": TRAVEL | dict(equalize=True, epochs=30),  # the one-cycle schedule stretched over 30 epochs
+    "travel_equalized_ema": TRAVEL | dict(equalize=True, ema_decay=0.99),  # validated and kept: the weights' moving average
+    "travel_equalized_unetplusplus": TRAVEL | dict(equalize=True, architecture="unetplusplus"),  # smp's UNet++ decoder
 }
 RECIPE_FIELDS = tuple(TRAVEL)
 
@@ -93,7 +97,7 @@ def score_candidate(
     ``keep_runs``: train into ``<keep_runs>/<candidate>-<train_on>-seed<seed>`` and keep it (a new folder: an existing
     run is never overwritten), e.g. to reuse a full-size model; by default the run lives in a temporary folder.
     """
-    config = L.TrainConfig(image_size=SIZE, epochs=epochs, seed=seed, **CANDIDATES[name])
+    config = L.TrainConfig(**{"image_size": SIZE, "epochs": epochs, "seed": seed, **CANDIDATES[name]})  # a candidate may set epochs
     chosen = split if train_on == "all" else {part: rows[rows.source == "Montgomery"] for part, rows in split.items()}
     train_arrays = L.load_arrays(chosen["train"], SIZE)
     log(f"candidate {name}, seed {seed}: {CANDIDATES[name]}; augmentation alone "
@@ -217,7 +221,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("candidates", nargs="*", metavar="CANDIDATE")
     parser.add_argument("--list", action="store_true", help="print the candidates and exit")
-    parser.add_argument("--epochs", type=int, default=20, help="at most this many epochs (20, as chapters 03 and 06)")
+    parser.add_argument("--epochs", type=int, default=20,
+                        help="at most this many epochs (20, as chapters 03 and 06), unless the candidate sets its own")
     parser.add_argument("--train-on", choices=("montgomery", "all"), default="montgomery",
                         help="Montgomery's 96 training X-rays (default) or both hospitals' training parts")
     parser.add_argument("--seeds", type=int, default=1, help="train each candidate with this many seeds (default 1)")

@@ -372,3 +372,16 @@ def test_the_default_recipe_has_the_travel_augmentations_and_a_mild_recipe_has_n
     first_steps = L.train_transforms(mild).transforms
     assert not {"SimulatedOpacity", "GaussNoise", "CLAHE"} & {type(t).__name__ for t in first_steps}
     assert next(t for t in first_steps if type(t).__name__ == "Affine").scale["x"] == (0.9, 1.1)
+
+
+def test_fired_transforms_names_what_a_replay_applied_and_the_choice_of_a_one_of():
+    always = A.ReplayCompose([A.RandomGamma(p=1.0), A.GaussNoise(p=0.0), A.OneOf([A.GaussianBlur(), A.Downscale()], p=1.0)])
+    always.set_random_seed(0)
+    image = lung_mask(64)
+    fired = L.fired_transforms(always(image=image, mask=image // 255)["replay"])
+    assert fired[0] == "RandomGamma" and "GaussNoise" not in fired
+    assert len(fired) == 2 and fired[1] in ("GaussianBlur", "Downscale")
+    recipe = A.ReplayCompose(L.train_transforms().transforms)  # the recipe's own steps, SimulatedOpacity included
+    recipe.set_random_seed(0)
+    draws = [L.fired_transforms(recipe(image=image, mask=image // 255)["replay"]) for _ in range(20)]
+    assert {"Affine", "SimulatedOpacity"} <= {name for names in draws for name in names}

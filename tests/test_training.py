@@ -1,5 +1,6 @@
 """Training: the run folder, resume after an interruption, early stopping, the GradScaler's state, checks of the
-config and the arrays, the workers' augmentation streams, the loss weights and the learning-rate schedule."""
+config and the arrays, the workers' augmentation streams, the loss weights, the learning-rate schedule, the moving
+average of the weights and UNet++."""
 from __future__ import annotations
 
 import os
@@ -213,3 +214,39 @@ def test_run_epoch_trains_without_scoring_and_evaluates_with_dice():
     assert all(torch.equal(a, b) for a, b in zip(after, model.parameters())), "evaluation leaves the weights alone"
     with pytest.raises(TypeError):
         L.run_epoch(model, loader, L.DiceBCELoss(), torch.device("cpu"))  # keyword arguments only
+
+
+# ---------------------------------------------------------------- the full-model screen's levers
+def test_moving_average_is_what_best_pt_keeps_and_a_resume_restores(tmp_path):
+    data, val = tiny_arrays(8), tiny_arrays(4, seed=1)
+    config = tiny_config(epochs=2, ema_decay=0.5)
+    full = L.train(data, val, tmp_path / "full", config)
+    last = L.read_checkpoint(tmp_path / "full" / "last.pt")
+    assert last["average_state"]["n_averaged"] == 4  # 8 images in batches of 4, two epochs: one update per step
+    weight = "encoder.conv1.weight"
+    assert not torch.equal(last["average_state"][f"module.{weight}"], last["model_state"][weight]), "an average, not the last weights"
+
+    def interrupt(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        L.train(data, val, tmp_path / "cut", config, on_epoch_end=interrupt)
+    after_one = L.read_checkpoint(tmp_path / "cut" / "last.pt")["average_state"]
+    best_after_one = L.read_checkpoint(tmp_path / "cut" / "best.pt")["model_state"]  # epoch 1 is always the best so far
+    torch.testing.assert_close(best_after_one[weight], after_one[f"module.{weight}"])
+    resumed = L.train(data, val, tmp_path / "cut", config, resume=True)
+    np.testing.assert_allclose(resumed.history.val_loss, full.history.val_loss, rtol=1e-4)
+    resumed_average = L.read_checkpoint(tmp_path / "cut" / "last.pt")["average_state"]
+    torch.testing.assert_close(resumed_average[f"module.{weight}"], last["average_state"][f"module.{weight}"], rtol=1e-4, atol=1e-5)
+
+
+def test_unetplusplus_trains_and_its_checkpoint_rebuilds_it(tmp_path):
+    result = L.train(tiny_arrays(8), tiny_arrays(4, seed=1), tmp_path / "run", tiny_config(epochs=1, architecture="unetplusplus"))
+    reloaded = L.load_checkpoint(tmp_path / "run" / "best.pt")
+    assert type(result.model).__name__ == type(reloaded).__name__ == "UnetPlusPlus"
+    batch = torch.from_numpy(tiny_arrays(2)[0]).float()[:, None].repeat(1, 3, 1, 1) / 255
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(batch), result.model.cpu().eval()(batch))
+    with pytest.raises(L.LungsegConfigError, match="unet, unetplusplus"):
+        L.build_model("resnet18", None, architecture="segformer")
