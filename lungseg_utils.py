@@ -2172,7 +2172,7 @@ def predict(
     ``image`` is a path, a file's bytes or an array: any size up to the limit of
     :func:`check_image_size`, 8 or 16 bit, gray or RGB(A), or DICOM.
     ``postprocess`` keeps the two largest regions and fills holes. With ``warn``,
-    an implausible mask (:func:`mask_warnings`) raises a :class:`LungsegWarning`.
+    each reason to distrust the mask (:func:`mask_warnings`) is issued as a :class:`LungsegWarning`.
     With ``with_quality``, returns a :class:`Prediction`: the same mask and its
     estimated Dice (:func:`estimate_quality`, from the model's quality model,
     chapter 07), which costs two more forward passes.

@@ -55,3 +55,41 @@ def test_docstrings_have_no_issue_numbers_result_folders_or_history(module):
 def test_the_lab_log_exists_and_the_readme_links_to_it():
     assert (REPO / "benchmarks" / "README.md").is_file()
     assert "benchmarks/README.md" in (REPO / "README.md").read_text()
+
+
+def prose_of(chapter) -> str:
+    """A chapter's markdown cells, joined."""
+    cells = json.loads(chapter.read_text())["cells"]
+    return "\n".join("".join(cell["source"]) for cell in cells if cell["cell_type"] == "markdown")
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_into_the_glossary_names_one_of_its_terms():
+    glossary = (REPO / "GLOSSARY.md").read_text()
+    anchors = {github_anchor(line.lstrip("#")) for line in glossary.splitlines() if line.startswith("#")}
+    pages = {"README.md": (REPO / "README.md").read_text(), **{path.name: prose_of(path) for path in CHAPTERS}}
+    links = {(name, anchor) for name, text in pages.items() for anchor in re.findall(r"GLOSSARY\.md#([\w-]+)", text)}
+    assert links, "no chapter links to the glossary"
+    assert not {(name, anchor) for name, anchor in links if anchor not in anchors}
+
+
+QUESTIONNAIRE_CHAPTERS = [path for path in CHAPTERS if path.name[:2] in {"01", "03", "04", "05"}]  # the others to follow
+
+
+@pytest.mark.parametrize("chapter", QUESTIONNAIRE_CHAPTERS, ids=lambda path: path.stem)
+def test_a_chapter_asks_questions_with_answers_then_exercises_marked_by_difficulty_and_cost(chapter):
+    prose = prose_of(chapter)
+    assert "## Check your understanding" in prose and "## Exercises" in prose
+    questions = prose.split("## Check your understanding", 1)[1].split("## Exercises", 1)[0]
+    exercises = prose.split("## Exercises", 1)[1].split("## References", 1)[0]
+    asked = re.findall(r"^\d+\. ", questions, re.MULTILINE)
+    assert 10 <= len(asked) <= 15
+    assert questions.count("<details><summary>Answer</summary>") == len(asked)
+    marks = re.findall(r"^\d+\. \*\*(★{1,3}) · ([^*]+?)\.\*\*", exercises, re.MULTILINE)
+    assert len(marks) == len(re.findall(r"^\d+\. ", exercises, re.MULTILINE)) >= 4
+    cheap = [cost for _, cost in marks if cost.startswith("CPU") and re.search(r"second|minute|\bmin\b", cost) and " h" not in cost]
+    assert len(cheap) >= 2, marks
