@@ -199,7 +199,7 @@ def test_repository_address_is_the_same_everywhere():
 
 
 def test_stored_notebooks_read_cleanly():
-    """No progress bar frozen at 0% (a tqdm widget's text fallback) and no bulky widget state."""
+    """No progress bar frozen at 0% (a tqdm widget's text fallback), no folder of the computer that ran it, no bulky widget state."""
     import json
 
     notebooks = sorted((REPO / "notebooks").glob("[0-9]*.ipynb"))
@@ -208,6 +208,8 @@ def test_stored_notebooks_read_cleanly():
         nb = json.loads(notebook.read_text())
         outputs = json.dumps([cell.get("outputs", []) for cell in nb["cells"]])
         assert not re.search(r"\b0%\|", outputs), f"{notebook.name}: a progress bar stuck at 0% is stored"
+        folder = re.search(r"(/work/|/home/|/root/|/Users/|/tmp/|/content/|[A-Z]:\\\\Users)[^\"]{0,60}", outputs)
+        assert not folder, f"{notebook.name}: an output shows a folder of the computer that ran it: {folder.group(0)}"
         state = len(json.dumps(nb["metadata"].get("widgets", {})))
         assert state < 100_000, f"{notebook.name}: {state / 1e3:.0f} kB of widget state"
 
